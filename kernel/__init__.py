@@ -1,0 +1,1 @@
+"""kernel: the supervisor, workers, scheduler and actors (built by the kernel issue)."""

@@ -1,0 +1,23 @@
+"""The public API is exactly what astra/__init__.py lists (STYLE.md section 2)."""
+
+from __future__ import annotations
+
+import astra
+import ipc
+
+
+def test_astra_exports_are_locked():
+    assert astra.__all__ == sorted(astra.__all__)
+    assert set(astra.__all__) == {"AstraError", "AstraInternalError", "__version__", "errors"}
+    for name in astra.__all__:
+        assert hasattr(astra, name)
+
+
+def test_public_errors_claim_the_astra_module():
+    assert astra.AstraError.__module__ == "astra"
+    assert issubclass(astra.AstraInternalError, astra.AstraError)
+
+
+def test_ipc_exports_exist():
+    for name in ipc.__all__:
+        assert hasattr(ipc, name), name

@@ -21,3 +21,12 @@ def test_public_errors_claim_the_astra_module():
 def test_ipc_exports_exist():
     for name in ipc.__all__:
         assert hasattr(ipc, name), name
+
+
+def test_sandbox_exports_exist_and_are_sorted():
+    import sandbox
+
+    assert sandbox.__all__ == sorted(sandbox.__all__)
+    for name in sandbox.__all__:
+        assert hasattr(sandbox, name), name
+    assert issubclass(sandbox.SandboxTimeout, sandbox.SandboxError)

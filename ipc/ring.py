@@ -44,6 +44,12 @@ Protocol (each step says what makes it correct):
    ``RingClosedError`` once it has drained it. ``close()`` on the reader closes the ring for
    writers, who get ``RingClosedError``.
 
+Waiting: a waiter first spins, polling the semaphore's value, for a bounded time that each
+handle adapts (``_Spinner``: a spin that catches the peer is kept, one that does not is
+halved away, short blocked waits make it probe again), then blocks in ``sem_timedwait``.
+Waking a process whose CPU went idle costs tens of microseconds here; a round trip between
+two spinning ends costs about 5 us (NOTES.md, ``perf/bench_ipc.py``).
+
 Lane claiming (slow path, once per writer process) is serialized by an ``OFDLock`` on the
 segment, which the kernel releases if the claimer dies mid-claim.
 
@@ -120,9 +126,13 @@ DEFAULT_SLOT_BYTES: Final = int(os.getenv("ASTRA_RING_SLOT_BYTES", str(64 * 1024
 DEFAULT_MAX_FRAME_BYTES: Final = int(os.getenv("ASTRA_RING_MAX_FRAME_BYTES", str(64 << 20)))
 #: Longest a blocked send/recv sleeps before re-checking that its peer lives.
 LIVENESS_INTERVAL_S: Final = float(os.getenv("ASTRA_RING_LIVENESS_INTERVAL_S", "0.2"))
-#: Microseconds a waiter spins (polling the semaphore's value) before blocking in the kernel.
-#: Spinning pays only when both ends have their own core (NOTES.md: unpinned spin, 8 ms p99).
-DEFAULT_SPIN_US: Final = float(os.getenv("ASTRA_RING_SPIN_US", "0"))
+#: Microseconds a waiter spins (polling the semaphore's value) before blocking in the kernel:
+#: a number fixes it (0: never spin); None ("auto" in the environment) adapts it per handle
+#: (see ``_Spinner``). Spinning pays only when both ends have a core of their own.
+_SPIN_ENV = os.getenv("ASTRA_RING_SPIN_US", "auto")
+DEFAULT_SPIN_US: Final[float | None] = None if _SPIN_ENV == "auto" else float(_SPIN_ENV)
+#: The most an adaptive spin lasts, microseconds: about one wake-up of an idle CPU here.
+ADAPTIVE_SPIN_MAX_US: Final = float(os.getenv("ASTRA_RING_ADAPTIVE_SPIN_MAX_US", "100"))
 
 _MAGIC: Final = int.from_bytes(b"ASTRARNG", "little")
 _VERSION: Final = 1
@@ -298,24 +308,83 @@ def _data_offset(lanes: int) -> int:
     return (_HEADER_BYTES + lanes * _LANE_BYTES + 63) // 64 * 64
 
 
-def _wait(
-    sem: posix_ipc.Semaphore,
-    deadline: float | None,
-    check: Callable[[], None],
-    spin_s: float,
-) -> bool:
-    """Take one count of ``sem``: spin up to ``spin_s``, then block in liveness slices,
-    calling ``check()`` (which raises to abort) after each empty slice. False if the deadline
-    passed. ``check`` runs only after a slice, never on the fast path: it reads /proc."""
-    if spin_s > 0:
-        end = time.monotonic() + spin_s
-        while time.monotonic() < end:
+class _Spinner:
+    """How long one handle spins before blocking, fixed or adaptive.
+
+    Waking a blocked process costs tens of microseconds when its CPU went idle (NOTES.md);
+    a peer that answers within that time is caught cheaper by spinning. But a spin on the
+    CPU the peer needs only delays it. The adaptive policy (glibc's adaptive mutexes, in
+    spirit) learns which case holds: a spin that succeeds keeps the budget (at least twice
+    what it took); a spin that fails halves it (a failed probe drops it to zero). At zero,
+    a waiter that blocked only briefly (so a spin could have caught the peer) probes again
+    with the full budget after ``_PROBE_AFTER`` such waits, twice as many after each failed
+    probe. An idle handle (long waits) never spins; the spin is bounded in every case.
+    """
+
+    __slots__ = ("_adaptive", "_failed_probes", "_max", "_probing", "_short_waits", "budget")
+
+    _PROBE_AFTER: Final = 8
+    _MIN_S: Final = 5e-6
+
+    def __init__(self, spin_us: float | None) -> None:
+        self._adaptive = spin_us is None
+        if spin_us is None:
+            self._max = ADAPTIVE_SPIN_MAX_US / 1e6 if (os.cpu_count() or 1) > 1 else 0.0
+        else:
+            self._max = spin_us / 1e6
+        self.budget = self._max
+        self._short_waits = 0
+        self._failed_probes = 0
+        self._probing = False
+
+    def wait(
+        self, sem: posix_ipc.Semaphore, deadline: float | None, check: Callable[[], None]
+    ) -> bool:
+        """Take one count of ``sem``: spin up to the budget, then block in liveness slices,
+        calling ``check()`` (which raises to abort) after each empty slice. False if the
+        deadline passed. ``check`` runs only after a slice, never on the fast path: it reads
+        /proc."""
+        budget = self.budget
+        if budget <= 0:
+            t0 = time.monotonic()
+            got = _block(sem, deadline, check)
+            if self._adaptive and self._max > 0:
+                self._after_block(time.monotonic() - t0)
+            return got
+        clock = time.monotonic
+        t0 = clock()
+        end = t0 + budget if deadline is None else min(t0 + budget, deadline)
+        while clock() < end:
             if sem.value > 0:
                 try:
                     sem.acquire(0)
-                    return True
                 except posix_ipc.BusyError:
-                    pass
+                    continue
+                if self._adaptive:  # caught by spinning: keep (or grow) the budget
+                    self.budget = min(self._max, max(budget, 2 * (clock() - t0)))
+                    self._probing, self._failed_probes = False, 0
+                return True
+        if self._adaptive:
+            if self._probing:
+                self.budget, self._probing = 0.0, False
+                self._failed_probes = min(self._failed_probes + 1, 10)
+            else:
+                half = budget / 2
+                self.budget = half if half >= self._MIN_S else 0.0
+        return _block(sem, deadline, check)
+
+    def _after_block(self, waited: float) -> None:
+        if waited >= self._max:
+            self._short_waits = 0  # the peer is slow (or idle): spinning would not help
+            return
+        self._short_waits += 1
+        if self._short_waits >= self._PROBE_AFTER << self._failed_probes:
+            self._short_waits = 0
+            self.budget, self._probing = self._max, True
+
+
+def _block(sem: posix_ipc.Semaphore, deadline: float | None, check: Callable[[], None]) -> bool:
+    """Block for one count of ``sem`` in liveness slices (see ``_Spinner.wait``)."""
     while True:
         if deadline is None:
             slice_s = LIVENESS_INTERVAL_S
@@ -334,6 +403,7 @@ def _wait(
             check()
 
 
+
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
@@ -349,9 +419,9 @@ class RingWriter:
     lane for the calling process.
     """
 
-    def __init__(self, ring: _RingMap, spin_us: float = DEFAULT_SPIN_US) -> None:
+    def __init__(self, ring: _RingMap, spin_us: float | None = DEFAULT_SPIN_US) -> None:
         self._ring = ring
-        self._spin_s = spin_us / 1e6
+        self._spinner = _Spinner(spin_us)
         self._lock = threading.Lock()
         self._pid = -1  # the process that owns self._lane
         self._lane = -1
@@ -368,7 +438,9 @@ class RingWriter:
         self._small = min(ring.payload_cap - _U32.size, ring.max_frame)
 
     @classmethod
-    def attach(cls, instance: Instance, name: str, spin_us: float = DEFAULT_SPIN_US) -> RingWriter:
+    def attach(
+        cls, instance: Instance, name: str, spin_us: float | None = DEFAULT_SPIN_US
+    ) -> RingWriter:
         """Open ring ``name`` of ``instance`` for writing from this process."""
         return cls(_RingMap.open(instance, name), spin_us)
 
@@ -396,7 +468,7 @@ class RingWriter:
         if ring.segment._mmap is None or ring.closed:
             raise RingClosedError(f"ring {ring.name} is closed")
         while (lane := self._try_claim(pid)) < 0:
-            if not _wait(ring.lanes_free, deadline, self._check_writable, 0.0):
+            if not _block(ring.lanes_free, deadline, self._check_writable):
                 raise RingFull(f"ring {ring.name}: all {ring.lanes} lanes have live writers")
         self._lane, self._tail = lane, 0
         self._spaces, self._items = ring.spaces[lane], ring.items[lane]
@@ -605,7 +677,7 @@ class RingWriter:
 
     def _wait_slot(self, deadline: float | None) -> bool:
         """Block for one slot of our lane (the fast try already failed)."""
-        if not _wait(self._spaces, deadline, self._check_writable, self._spin_s):
+        if not self._spinner.wait(self._spaces, deadline, self._check_writable):
             return False
         if self._words[_W_CLOSED]:  # woken by the reader's close(), not by a freed slot
             self._spaces.release()
@@ -693,9 +765,9 @@ class RingReader:
     interleave fairly (round-robin over lanes).
     """
 
-    def __init__(self, ring: _RingMap, spin_us: float = DEFAULT_SPIN_US) -> None:
+    def __init__(self, ring: _RingMap, spin_us: float | None = DEFAULT_SPIN_US) -> None:
         self._ring = ring
-        self._spin_s = spin_us / 1e6
+        self._spinner = _Spinner(spin_us)
         self._lock = threading.Lock()
         self._pid = -1
         self._heads = [0] * ring.lanes  # next slot to read per lane; private to the reader
@@ -708,7 +780,9 @@ class RingReader:
         self._buf = ring.segment.buf
 
     @classmethod
-    def attach(cls, instance: Instance, name: str, spin_us: float = DEFAULT_SPIN_US) -> RingReader:
+    def attach(
+        cls, instance: Instance, name: str, spin_us: float | None = DEFAULT_SPIN_US
+    ) -> RingReader:
         """Open ring ``name`` of ``instance`` for reading from this process."""
         return cls(_RingMap.open(instance, name), spin_us)
 
@@ -806,7 +880,7 @@ class RingReader:
                 self._check_readable()
             if not blocking:
                 raise RingEmpty(f"ring {ring.name} is empty")
-            rung = _wait(ring.bell, deadline, self._check_readable, self._spin_s)
+            rung = self._spinner.wait(ring.bell, deadline, self._check_readable)
             if not rung:
                 raise RingEmpty(f"ring {ring.name}: no frame within the timeout")
 
@@ -962,7 +1036,7 @@ def open_ring(
     slot_bytes: int = DEFAULT_SLOT_BYTES,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     close_on_writer_exit: bool | None = None,
-    spin_us: float = DEFAULT_SPIN_US,
+    spin_us: float | None = DEFAULT_SPIN_US,
 ) -> tuple[RingWriter, RingReader]:
     """Create ring ``name`` (``<from>_to_<to>``) in ``instance`` and return its two ends.
 

@@ -31,6 +31,8 @@ __all__ = [
     "Children",
     "Figure",
     "Report",
+    "Target",
+    "format_targets",
     "lower_is_better",
     "median",
     "percentile",
@@ -48,7 +50,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING, Final, TextIO
+from typing import TYPE_CHECKING, Final, NamedTuple, TextIO
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -384,3 +386,32 @@ class Children:
                 child.process.join()
             child.conn.close()
         self._children.clear()
+
+
+# ---- Targets: what an issue asks this machine to show ----
+
+
+class Target(NamedTuple):
+    """One bound from an issue: the Astra figure over the peer's (or the figure itself when
+    ``peer`` is None) must be >= ``bound``, or <= for time units."""
+
+    text: str
+    astra: tuple[str, str]  # (workload, system)
+    peer: tuple[str, str] | None
+    bound: float
+
+
+def format_targets(report: Report, targets: Sequence[Target]) -> str:
+    """One line per target: the figure, met or not (n/a when a figure is missing)."""
+    lines = ["== targets =="]
+    for t in targets:
+        fig = report.find(*t.astra)
+        peer = report.find(*t.peer) if t.peer else None
+        if fig is None or fig.value is None or (t.peer and (peer is None or not peer.value)):
+            lines.append(f"  n/a      {t.text}")
+            continue
+        got = fig.value / peer.value if peer and peer.value else fig.value
+        met = got <= t.bound if lower_is_better(fig.unit) else got >= t.bound
+        shown = f"{got:.2f}x" if t.peer else f"{got:.3f} {fig.unit}"
+        lines.append(f"  {'met    ' if met else 'NOT met'}  {t.text}: {shown}")
+    return "\n".join(lines) + "\n"

@@ -14,9 +14,11 @@ Workloads (the parent produces, a forked child consumes):
   ``LARGE_RING_CONFIGS`` (all 4 MiB rings); the best is the ``astra`` figure, printed with its
   configuration, the others are listed beside it.
 - ``rtt_p50``, ``rtt_p99`` (us): ping-pong of a 64-byte message, the child echoing each one on
-  a second channel. Astra with ``spin_us=0`` (the default: block in the kernel at once) and
-  with a ``SPIN_US`` spin before blocking. Parent and child are pinned to two different
-  CPUs (``--no-pin`` to leave placement to the scheduler), as Astra pins its workers: left
+  a second channel. Astra with its default adaptive spin (``spin_us=None``: each handle learns
+  whether spinning before blocking catches its peer) and with ``spin_us=0`` (block in the
+  kernel at once). Every other Astra figure uses the default. Parent and child are pinned
+  to two different CPUs (``--no-pin`` to leave placement to the scheduler), as Astra pins
+  its workers: left
   unpinned, the scheduler now and then puts both ends of a Pipe on one CPU (a pipe write is a
   "sync" wake-up that pulls the woken reader over), and the Pipe figure jumps from about
   45 us to about 8 us from one run to the next.
@@ -72,7 +74,16 @@ from ipc.messages import ArrayRef
 from ipc.ring import open_ring
 from ipc.shm import Instance
 
-from ._harness import Children, Report, lower_is_better, median, percentile, pinned, two_cpus
+from ._harness import (
+    Children,
+    Report,
+    Target,
+    format_targets,
+    median,
+    percentile,
+    pinned,
+    two_cpus,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -91,8 +102,6 @@ CAPACITY_BYTES: Final = 4 << 20
 LARGE_RING_CONFIGS: Final = ((64, 64 * 1024), (32, 128 * 1024 + 64), (16, 256 * 1024 + 64))
 #: Ring shape for small messages: the default 64 KiB slots, 64 of them.
 SMALL_RING: Final = (64, 64 * 1024)
-#: The spin of the "astra, spinning" ping-pong figure, microseconds.
-SPIN_US: Final = 50.0
 #: Round trips dropped before the latency samples start.
 RTT_WARMUP: Final = 200
 #: The array of the handoff workload: 100 MB of float64.
@@ -185,7 +194,9 @@ class _Link:
 
 
 class _AstraLink(_Link):
-    def __init__(self, inst: Instance, name: str, slots: int, slot_bytes: int, spin_us: float):
+    def __init__(
+        self, inst: Instance, name: str, slots: int, slot_bytes: int, spin_us: float | None
+    ) -> None:
         self.w, self.r = open_ring(inst, name, slots=slots, slot_bytes=slot_bytes, spin_us=spin_us)
 
     def sender(self) -> _Sender:
@@ -323,7 +334,7 @@ def _bench_small(report: Report, plan: Plan) -> None:
     n, reps = plan.small_msgs, plan.reps
     slots, slot_bytes = SMALL_RING
     with _astra_instance() as inst:
-        astra = functools.partial(_AstraLink, inst, "p_to_c", slots, slot_bytes, 0.0)
+        astra = functools.partial(_AstraLink, inst, "p_to_c", slots, slot_bytes, None)
         config = f"ring {slots} slots x {slot_bytes} B"
         rate = _throughput(astra, SMALL_BYTES, n, reps, many=False)
         report.add("64B", "astra", rate, "msgs/s", label="astra send/recv", config=config)
@@ -334,7 +345,7 @@ def _bench_small(report: Report, plan: Plan) -> None:
         report.add("64B", system, _throughput(make, SMALL_BYTES, n, reps, False), "msgs/s",
                    label=label)  # fmt: skip
     with _astra_instance() as inst:
-        astra = functools.partial(_AstraLink, inst, "p_to_c", slots, slot_bytes, 0.0)
+        astra = functools.partial(_AstraLink, inst, "p_to_c", slots, slot_bytes, None)
         rate = _throughput(astra, SMALL_BYTES, n, reps, many=True)
         report.add("64B_batched", "astra", rate, "msgs/s",
                    label=f"astra send_many/recv_many ({BATCH}/call)", config=config)  # fmt: skip
@@ -353,7 +364,7 @@ def _bench_large(report: Report, plan: Plan) -> None:
     tried: list[tuple[float, str, str]] = []  # (MB/s, system key, configuration)
     for slots, slot_bytes in LARGE_RING_CONFIGS:
         with _astra_instance() as inst:
-            astra = functools.partial(_AstraLink, inst, "p_to_c", slots, slot_bytes, 0.0)
+            astra = functools.partial(_AstraLink, inst, "p_to_c", slots, slot_bytes, None)
             rate = _throughput(astra, LARGE_BYTES, n, reps, many=False)
         config = f"ring {slots} slots x {slot_bytes} B"
         tried.append((rate * to_mb, f"astra_{slots}x{slot_bytes}", config))
@@ -417,14 +428,18 @@ def _round_trips(
 
 
 def _bench_rtt(report: Report, plan: Plan) -> None:
-    """Ping-pong p50/p99: Astra blocking and spinning, then the peers."""
+    """Ping-pong p50/p99: Astra (adaptive spin, then never spinning), then the peers."""
     slots, slot_bytes = SMALL_RING
     cpus = two_cpus() if plan.pin_rtt else None
-    for system, spin in (("astra", 0.0), (f"astra_spin{SPIN_US:.0f}", SPIN_US)):
+    spins: tuple[tuple[str, float | None, str], ...] = (
+        ("astra", None, "adaptive spin (default)"),
+        ("astra_nospin", 0.0, "spin_us=0"),
+    )
+    for system, spin, config in spins:
         with _astra_instance() as inst:
             make = functools.partial(_ring_link, inst, slots, slot_bytes, spin)
             p50, p99 = _round_trips(make, plan.rtt_rounds, cpus)
-        label, config = f"astra send/recv, spin_us={spin:.0f}", f"spin_us={spin:.0f}"
+        label = f"astra send/recv, {config}"
         report.add("rtt_p50", system, p50, "us", label=label, config=config)
         report.add("rtt_p99", system, p99, "us", label=label, config=config)
     for system, label, factory, module in _PEERS:
@@ -437,7 +452,7 @@ def _bench_rtt(report: Report, plan: Plan) -> None:
         report.add("rtt_p99", system, p99, "us", label=label)
 
 
-def _ring_link(inst: Instance, slots: int, slot_bytes: int, spin: float, name: str) -> _Link:
+def _ring_link(inst: Instance, slots: int, slot_bytes: int, spin: float | None, name: str) -> _Link:
     return _AstraLink(inst, name, slots, slot_bytes, spin)
 
 
@@ -505,8 +520,8 @@ def _astra_handoff(src: np.ndarray, expected: float, runs: int, copy_in: bool) -
     timed) or with ``arena.put`` (the copy in timed). Returns one record per run."""
     with _astra_instance() as inst, Children() as kids:
         arena = Arena.create(inst, "arena", size=ARENA_BYTES)
-        down = _AstraLink(inst, "p_to_c", 8, 4096, 0.0)
-        up = _AstraLink(inst, "c_to_p", 8, 4096, 0.0)
+        down = _AstraLink(inst, "p_to_c", 8, 4096, None)
+        up = _AstraLink(inst, "c_to_p", 8, 4096, None)
         child = kids.start(_arena_child, arena, down, up, runs)
         try:
             send, recv = down.sender(), up.receiver()
@@ -689,41 +704,18 @@ def _bench_handoff(report: Report, plan: Plan) -> None:
 # ---- Targets from the issue: what this machine must show ----
 
 
-class _Target(NamedTuple):
-    text: str
-    astra: tuple[str, str]  # (workload, system)
-    peer: tuple[str, str] | None  # None: an absolute bound on the Astra figure
-    bound: float  # ratio astra/peer (or the value) must be >= bound, or <= for time units
-
-
 _TARGETS: Final = (
-    _Target("64 B batched >= 2x mp.Pipe send_bytes", ("64B_batched", "astra"),
+    Target("64 B batched >= 2x mp.Pipe send_bytes", ("64B_batched", "astra"),
             ("64B", "mp_pipe"), 2.0),
-    _Target("64 B batched >= 3x faster-fifo batched", ("64B_batched", "astra"),
+    Target("64 B batched >= 3x faster-fifo batched", ("64B_batched", "astra"),
             ("64B_batched", "faster_fifo"), 3.0),
-    _Target("64 KiB >= faster-fifo", ("64KiB", "astra"), ("64KiB", "faster_fifo"), 1.0),
-    _Target("round trip p50 <= mp.Pipe (spin_us=0)", ("rtt_p50", "astra"),
+    Target("64 KiB >= faster-fifo", ("64KiB", "astra"), ("64KiB", "faster_fifo"), 1.0),
+    Target("round trip p50 <= mp.Pipe (default, adaptive spin)", ("rtt_p50", "astra"),
             ("rtt_p50", "mp_pipe"), 1.0),
-    _Target(f"round trip p50 <= mp.Pipe (spin_us={SPIN_US:.0f})",
-            ("rtt_p50", f"astra_spin{SPIN_US:.0f}"), ("rtt_p50", "mp_pipe"), 1.0),
-    _Target("100 MB handoff < 1 ms", ("100MB_handoff", "astra"), None, 1.0),
+    Target("round trip p50 <= mp.Pipe (spin_us=0)", ("rtt_p50", "astra_nospin"),
+            ("rtt_p50", "mp_pipe"), 1.0),
+    Target("100 MB handoff < 1 ms", ("100MB_handoff", "astra"), None, 1.0),
 )  # fmt: skip
-
-
-def format_targets(report: Report) -> str:
-    """One line per target: the figure, the bound, met or not (n/a when a figure is missing)."""
-    lines = ["== targets =="]
-    for t in _TARGETS:
-        fig = report.find(*t.astra)
-        peer = report.find(*t.peer) if t.peer else None
-        if fig is None or fig.value is None or (t.peer and (peer is None or not peer.value)):
-            lines.append(f"  n/a      {t.text}")
-            continue
-        got = fig.value / peer.value if peer and peer.value else fig.value
-        met = got <= t.bound if lower_is_better(fig.unit) else got >= t.bound
-        shown = f"{got:.2f}x" if t.peer else f"{got:.3f} {fig.unit}"
-        lines.append(f"  {'met    ' if met else 'NOT met'}  {t.text}: {shown}")
-    return "\n".join(lines) + "\n"
 
 
 # ---- Entry point ----
@@ -788,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{platform.python_version()}, numpy {np.__version__}, "
             f"{time.perf_counter() - started:.1f} s\n"
         )
-    report.emit(json_only=args.json_only, footer=format_targets(report))
+    report.emit(json_only=args.json_only, footer=format_targets(report, _TARGETS))
     return 0
 
 

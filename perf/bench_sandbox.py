@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Final
 from sandbox import Policy, Runner, WarmPool
 from sandbox.landlock import abi_version
 
-from ._harness import Report, lower_is_better, median, percentile
+from ._harness import Report, Target, format_targets, median, percentile
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -183,24 +183,11 @@ def _bench_peers(report: Report, plan: Plan) -> None:
 
 # ---- Targets ----
 
-#: (workload, system, bound in ms): the issue's targets on the 2-core machine.
+#: The issue's targets on the 2-core machine.
 _TARGETS: Final = (
-    ("call_p50", "astra_warm", 2.0, "warm-pool call p50 under 2 ms"),
-    ("call_p50", "astra_cold", 15.0, "cold call p50 under 15 ms"),
+    Target("warm-pool call p50 under 2 ms", ("call_p50", "astra_warm"), None, 2.0),
+    Target("cold call p50 under 15 ms", ("call_p50", "astra_cold"), None, 15.0),
 )
-
-
-def format_targets(report: Report) -> str:
-    """One line per target: the figure, the bound, met or not."""
-    lines = ["== targets =="]
-    for workload, system, bound, text in _TARGETS:
-        fig = report.find(workload, system)
-        if fig is None or fig.value is None:
-            lines.append(f"  n/a      {text}")
-            continue
-        met = fig.value <= bound if lower_is_better(fig.unit) else fig.value >= bound
-        lines.append(f"  {'met    ' if met else 'NOT met'}  {text}: {fig.value:.3f} {fig.unit}")
-    return "\n".join(lines) + "\n"
 
 
 # ---- Entry point ----
@@ -240,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{platform.python_version()}, Linux {platform.release()}, Landlock ABI "
             f"{abi_version()}, uid {os.geteuid()}, {time.perf_counter() - started:.1f} s\n"
         )
-    report.emit(json_only=args.json_only, footer=format_targets(report))
+    report.emit(json_only=args.json_only, footer=format_targets(report, _TARGETS))
     return 0
 
 

@@ -1,0 +1,336 @@
+"""Astra's tasks beside Ray, multiprocessing.Pool, ProcessPoolExecutor and Dask, in one run
+on one machine.
+
+Run ``python -m perf.bench_tasks`` (about a minute, most of it Ray and Dask starting),
+``--quick`` (fewer rounds, fewer tasks for the slow peers), ``--json-only``, ``--only
+astra,pool,ppe,dask,ray`` (a subset of systems).
+
+Workloads (every system runs ``WORKERS`` worker processes, default one per CPU):
+
+- ``noop_10k`` (tasks/s): 10,000 no-op tasks submitted one by one, then every result
+  awaited. Astra ``submit`` then ``gather``; ``Pool.apply_async`` then ``get``;
+  ``ProcessPoolExecutor.submit``; Ray ``f.remote`` then ``ray.get``; Dask
+  ``client.submit`` then ``client.gather``.
+- ``noop_10k_map`` (tasks/s): the same tasks through each system's bulk API: Astra
+  ``map``, ``Pool.imap`` (chunksize 1, its default) and ``Pool.map``,
+  ``ProcessPoolExecutor.map`` (chunksize 1).
+- ``sync_p50``, ``sync_p99`` (us): one task submitted and waited for, repeated.
+- ``first_result`` (ms): from constructing the pool (kernel, cluster) to the first result.
+- ``ready`` (ms): constructing an embedded ``astra.Kernel`` until it accepts tasks.
+
+Method: each throughput figure is the median of ``reps`` runs after one warm-up run (which
+ships the function); latencies are percentiles of every round after ``SYNC_WARMUP``. Ray and
+Dask run last and in that order: after Ray starts, nothing forks. Everything is shut down
+in ``finally`` blocks; Astra removes its shared memory when its ``with`` block ends.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FULL", "QUICK", "Plan", "main", "run"]
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import multiprocessing
+import os
+import platform
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING, Final, NamedTuple
+
+import astra
+
+from ._harness import Report, lower_is_better, median, percentile
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+#: Worker processes of every system.
+WORKERS: Final = os.cpu_count() or 1
+#: Synchronous rounds dropped before the latency samples start.
+SYNC_WARMUP: Final = 100
+#: The systems ``--only`` accepts, in the order they run (Ray last: nothing forks after it).
+SYSTEMS: Final = ("astra", "pool", "ppe", "dask", "ray")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """How much work each measurement does."""
+
+    tasks: int  # no-op tasks per throughput run
+    slow_tasks: int  # the same, for Ray and Dask (their rates make 10k runs long)
+    reps: int  # throughput runs per system; the median is reported
+    sync_rounds: int  # submit-and-wait rounds timed per system, after SYNC_WARMUP
+    ready_reps: int  # embedded kernels started for the ``ready`` figure
+
+
+FULL: Final = Plan(tasks=10_000, slow_tasks=10_000, reps=5, sync_rounds=5_000, ready_reps=10)
+QUICK: Final = Plan(tasks=10_000, slow_tasks=2_000, reps=3, sync_rounds=1_000, ready_reps=5)
+
+
+def noop(x: object = None) -> object:
+    """The task: does nothing, returns its argument."""
+    return x
+
+
+# ---- Measuring helpers ----
+
+
+def _rate(n: int, reps: int, run_once: Callable[[], None]) -> float:
+    run_once()  # warm-up: ships the function, faults in the rings
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run_once()
+        times.append(time.perf_counter() - t0)
+    return n / median(times)
+
+
+def _latency(rounds: int, call_once: Callable[[], object]) -> tuple[float, float]:
+    for _ in range(SYNC_WARMUP):
+        call_once()
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        call_once()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return percentile(samples, 50), percentile(samples, 99)
+
+
+def _add_all(report: Report, system: str, label: str, figs: dict[str, float], **kw: str) -> None:
+    units = {"noop_10k": "tasks/s", "noop_10k_map": "tasks/s", "sync_p50": "us",
+             "sync_p99": "us", "first_result": "ms", "ready": "ms"}  # fmt: skip
+    for workload, value in figs.items():
+        report.add(workload, system, value, units[workload], label=label, **kw)
+
+
+# ---- Astra ----
+
+
+def _bench_astra(report: Report, plan: Plan) -> None:
+    n = plan.tasks
+    ready = []
+    for _ in range(plan.ready_reps):
+        t0 = time.perf_counter()
+        with astra.Kernel(workers=WORKERS) as k:
+            ready.append((time.perf_counter() - t0) * 1e3)
+            if len(ready) == 1:
+                k.submit(noop, 1).result()
+                first = (time.perf_counter() - t0) * 1e3
+    with astra.Kernel(workers=WORKERS) as k:
+        submit = _rate(n, plan.reps, lambda: k.gather([k.submit(noop, i) for i in range(n)]))
+        mapped = _rate(n, plan.reps, lambda: k.map(noop, range(n)))
+        p50, p99 = _latency(plan.sync_rounds, lambda: k.submit(noop, 1).result())
+    _add_all(report, "astra", "astra submit", {"noop_10k": submit, "sync_p50": p50,
+             "sync_p99": p99, "first_result": first, "ready": median(ready)})  # fmt: skip
+    report.add("noop_10k_map", "astra_map", mapped, "tasks/s", label="astra map")
+
+
+# ---- multiprocessing.Pool and ProcessPoolExecutor ----
+
+
+def _bench_pool(report: Report, plan: Plan) -> None:
+    n = plan.tasks
+    ctx = multiprocessing.get_context("fork")
+    t0 = time.perf_counter()
+    with ctx.Pool(WORKERS) as pool:
+        pool.apply(noop, (1,))
+        first = (time.perf_counter() - t0) * 1e3
+
+        def apply_async() -> None:
+            for r in [pool.apply_async(noop, (i,)) for i in range(n)]:
+                r.get()
+
+        submit = _rate(n, plan.reps, apply_async)
+        imap = _rate(n, plan.reps, lambda: list(pool.imap(noop, range(n))))
+        pmap = _rate(n, plan.reps, lambda: pool.map(noop, range(n)))
+        p50, p99 = _latency(plan.sync_rounds, lambda: pool.apply(noop, (1,)))
+    _add_all(report, "mp_pool", "mp.Pool apply_async", {"noop_10k": submit, "sync_p50": p50,
+             "sync_p99": p99, "first_result": first})  # fmt: skip
+    report.add("noop_10k_map", "mp_imap", imap, "tasks/s", label="mp.Pool imap")
+    report.add("noop_10k_map", "mp_map", pmap, "tasks/s", label="mp.Pool map (chunked)")
+
+
+def _bench_ppe(report: Report, plan: Plan) -> None:
+    n = plan.tasks
+    ctx = multiprocessing.get_context("fork")
+    t0 = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=ctx) as ex:
+        ex.submit(noop, 1).result()
+        first = (time.perf_counter() - t0) * 1e3
+
+        def submit_all() -> None:
+            for f in [ex.submit(noop, i) for i in range(n)]:
+                f.result()
+
+        submit = _rate(n, plan.reps, submit_all)
+        mapped = _rate(n, plan.reps, lambda: list(ex.map(noop, range(n))))
+        p50, p99 = _latency(plan.sync_rounds, lambda: ex.submit(noop, 1).result())
+    _add_all(report, "ppe", "ProcessPoolExecutor", {"noop_10k": submit, "sync_p50": p50,
+             "sync_p99": p99, "first_result": first})  # fmt: skip
+    report.add("noop_10k_map", "ppe_map", mapped, "tasks/s", label="ProcessPoolExecutor map")
+
+
+# ---- Dask and Ray ----
+
+
+def _skip_all(report: Report, system: str, label: str, reason: str) -> None:
+    for workload, unit in (("noop_10k", "tasks/s"), ("sync_p50", "us"), ("sync_p99", "us"),
+                           ("first_result", "ms")):  # fmt: skip
+        report.skip(workload, system, unit, reason, label=label)
+
+
+def _bench_dask(report: Report, plan: Plan) -> None:
+    if importlib.util.find_spec("distributed") is None:
+        _skip_all(report, "dask", "Dask distributed", "not installed")
+        return
+    from distributed import Client, LocalCluster
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    n = plan.slow_tasks
+    t0 = time.perf_counter()
+    cluster = LocalCluster(
+        n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    try:
+        with Client(cluster) as client:
+            client.submit(noop, 1, pure=False).result()
+            first = (time.perf_counter() - t0) * 1e3
+
+            def submit_all() -> None:
+                client.gather([client.submit(noop, i, pure=False) for i in range(n)])
+
+            submit = _rate(n, plan.reps, submit_all)
+            p50, p99 = _latency(
+                plan.sync_rounds // 5, lambda: client.submit(noop, 1, pure=False).result()
+            )
+    finally:
+        cluster.close()
+    _add_all(report, "dask", "Dask distributed", {"noop_10k": submit, "sync_p50": p50,
+             "sync_p99": p99, "first_result": first}, config=f"{n} tasks")  # fmt: skip
+
+
+def _bench_ray(report: Report, plan: Plan) -> None:
+    if importlib.util.find_spec("ray") is None:
+        _skip_all(report, "ray", "Ray", "not installed")
+        return
+    import ray
+
+    n = plan.slow_tasks
+    t0 = time.perf_counter()
+    ray.init(num_cpus=WORKERS, include_dashboard=False, logging_level=logging.ERROR)
+    try:
+        remote = ray.remote(noop)
+        ray.get(remote.remote(1))
+        first = (time.perf_counter() - t0) * 1e3
+        submit = _rate(n, plan.reps, lambda: ray.get([remote.remote(i) for i in range(n)]))
+        p50, p99 = _latency(plan.sync_rounds // 5, lambda: ray.get(remote.remote(1)))
+    finally:
+        ray.shutdown()
+    _add_all(report, "ray", "Ray", {"noop_10k": submit, "sync_p50": p50, "sync_p99": p99,
+             "first_result": first}, config=f"{n} tasks")  # fmt: skip
+
+
+# ---- Targets (issue 3, on the 2-core development machine) ----
+
+
+class _Target(NamedTuple):
+    text: str
+    astra: tuple[str, str]  # (workload, system)
+    peer: tuple[str, str] | None  # None: an absolute bound in the figure's unit
+    bound: float  # ratio astra/peer (or absolute value) that must be met
+
+
+_TARGETS: Final = (
+    _Target("no-op throughput >= 2x mp.Pool apply_async", ("noop_10k", "astra"),
+            ("noop_10k", "mp_pool"), 2.0),
+    _Target("no-op throughput (map) >= 1x mp.Pool imap", ("noop_10k_map", "astra_map"),
+            ("noop_10k_map", "mp_imap"), 1.0),
+    _Target("no-op throughput >= 20x Ray", ("noop_10k", "astra"), ("noop_10k", "ray"), 20.0),
+    _Target("sync latency p50 <= ProcessPoolExecutor / 2", ("sync_p50", "astra"),
+            ("sync_p50", "ppe"), 0.5),
+    _Target("embedded kernel ready < 150 ms", ("ready", "astra"), None, 150.0),
+)  # fmt: skip
+
+
+def format_targets(report: Report) -> str:
+    """One line per target: the figure, the bound, met or NOT met (n/a if a figure is missing)."""
+    lines = ["== targets =="]
+    for t in _TARGETS:
+        fig = report.find(*t.astra)
+        peer = report.find(*t.peer) if t.peer else None
+        if fig is None or fig.value is None or (t.peer and (peer is None or not peer.value)):
+            lines.append(f"  n/a      {t.text}")
+            continue
+        got = fig.value / peer.value if peer and peer.value else fig.value
+        met = got <= t.bound if lower_is_better(fig.unit) else got >= t.bound
+        shown = f"{got:.2f}x" if t.peer else f"{got:.1f} {fig.unit}"
+        lines.append(f"  {'met    ' if met else 'NOT met'}  {t.text}: {shown}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- Entry point ----
+
+
+def run(plan: Plan, systems: tuple[str, ...] = SYSTEMS, *, progress: bool = True) -> Report:
+    """Run the chosen systems and return the report (nothing printed but progress)."""
+    report = Report("tasks", progress=sys.stderr if progress else None)
+    report.section(f"no-op tasks, submitted one by one, {WORKERS} workers", "noop_10k")
+    report.section("no-op tasks, bulk map API", "noop_10k_map")
+    report.section("submit and wait, p50", "sync_p50")
+    report.section("submit and wait, p99", "sync_p99")
+    report.section("start to first result", "first_result")
+    report.section("embedded kernel ready", "ready")
+    benches: dict[str, Callable[[Report, Plan], None]] = {
+        "astra": _bench_astra, "pool": _bench_pool, "ppe": _bench_ppe,
+        "dask": _bench_dask, "ray": _bench_ray,
+    }  # fmt: skip
+    for system in SYSTEMS:
+        if system in systems:
+            benches[system](report, plan)
+    return report
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m perf.bench_tasks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and peer tasks")
+    parser.add_argument("--json-only", action="store_true", help="print only the JSON lines")
+    parser.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated of {SYSTEMS}")
+    args = parser.parse_args(argv)
+    args.systems = tuple(s for s in args.only.split(",") if s)
+    if unknown := set(args.systems) - set(SYSTEMS):
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    return args
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry: run, then print the tables, the targets and the JSON lines."""
+    args = _parse(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # unwind like Ctrl-C: every finally runs
+    started = time.perf_counter()
+    try:
+        report = run(QUICK if args.quick else FULL, args.systems, progress=not args.json_only)
+    except KeyboardInterrupt:
+        print("interrupted: pools shut down, shared memory removed", file=sys.stderr)
+        return 130
+    if not args.json_only:
+        mode = "quick" if args.quick else "full"
+        print(
+            f"Astra task benchmark ({mode}): {os.cpu_count()} CPUs, {WORKERS} workers each, "
+            f"Python {platform.python_version()}, {time.perf_counter() - started:.1f} s\n"
+        )
+    report.emit(json_only=args.json_only, footer=format_targets(report))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

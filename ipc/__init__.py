@@ -15,10 +15,10 @@ Principles (each module's docstring says how it keeps them):
    after a wait (POSIX requires both to synchronize memory), or written under an OFD lock.
    Fields read without either are aligned 8-byte words with one writer, or flags that are
    set once and never cleared. Nothing relies on x86's memory model.
-2. *Idle costs nothing.* A waiter blocks in the kernel on a semaphore (a futex), after an
-   bounded spin that adapts per handle (``ring._Spinner``: it stops
-   spinning where spinning does not catch the peer); liveness is re-checked only between slices of
-   ``LIVENESS_INTERVAL_S`` (0.2 s), never by a sleep-poll loop.
+2. *Idle costs nothing.* A waiter blocks in the kernel on a semaphore (a futex), after a
+   bounded spin that adapts per handle (``ring._Spinner`` stops spinning where it does not
+   catch the peer); liveness is re-checked only between slices of ``LIVENESS_INTERVAL_S``
+   (0.2 s), never by a sleep-poll loop.
 3. *Nothing is lost or torn.* A full ring blocks or raises ``RingFull``; it never
    overwrites. A frame published is delivered even if its writer then dies; a frame whose
    writer died mid-way is dropped whole, never delivered torn.

@@ -25,17 +25,28 @@ the count, sum, count). The spec list is agreed in code by every process, not st
 
 from __future__ import annotations
 
-__all__ = ["Histogram", "MetricSpec", "MetricsRow", "MetricsTable", "render_prometheus"]
+__all__ = [
+    "Histogram",
+    "MetricSpec",
+    "MetricsRow",
+    "MetricsServer",
+    "MetricsTable",
+    "parse_addr",
+    "render_prometheus",
+]
 
 import bisect
 import dataclasses
+import http.server
 import math
+import socket
+import threading
 from typing import TYPE_CHECKING, Final, Literal
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     import numpy.typing as npt
 
@@ -243,3 +254,70 @@ def _escape_help(text: str) -> str:
 
 def _escape_label(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+# ---- Serving /metrics for scrapers ----
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` -> (host, port).
+
+    Raises:
+        ValueError: not ``HOST:PORT`` with a port in 0-65535.
+    """
+    host, sep, port_text = addr.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"metrics address must be HOST:PORT, got {addr!r}")
+    return host.strip("[]"), int(port_text)
+
+
+class _V6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """Serves ``GET /metrics`` (the text of ``render()``) from a daemon thread of the
+    supervisor. Scrapes are rare (seconds apart) and cheap, so one thread per request
+    (``ThreadingHTTPServer``) is plenty.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not local).
+    """
+
+    def __init__(self, addr: str, render: Callable[[], str]) -> None:
+        host, port = parse_addr(addr)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                try:
+                    body = render().encode()
+                except Exception as exc:  # a failed collection is the scraper's 500
+                    self.send_error(500, f"collecting metrics failed: {exc!r}")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # one line per scrape would drown the event log
+
+        server_cls = _V6Server if ":" in host else http.server.ThreadingHTTPServer
+        self._server = server_cls((host, port), Handler)
+        self._server.daemon_threads = True
+        #: The bound (host, port): port 0 in the address picks a free one.
+        self.address = self._server.server_address[:2]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="astra-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()

@@ -114,3 +114,34 @@ def test_rows_out_of_range_and_duplicate_names_are_refused(table, instance):
         table.row(3)
     with pytest.raises(ValueError, match="declared twice"):
         MetricsTable.create(instance, (*SPECS, SPECS[0]), rows=1, name="dup")
+
+
+def test_metrics_are_served_over_http(table):
+    import urllib.error
+    import urllib.request
+
+    from kernel.metrics import MetricsServer
+
+    server = MetricsServer("127.0.0.1:0", lambda: render_prometheus(SPECS, table.collect()))
+    try:
+        host, port = server.address
+        table.row(0).inc("astra_tasks_finished_total", 3)
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = resp.read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["astra_tasks_finished"].samples[0].value == 3
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://{host}:{port}/other", timeout=5)
+        assert err.value.code == 404
+        err.value.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("addr", ["9464", "host:", ":9464", "h:99999", "h:p"])
+def test_bad_metrics_addresses_are_refused(addr):
+    from kernel.metrics import parse_addr
+
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_addr(addr)

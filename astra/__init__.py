@@ -6,10 +6,38 @@ This module only re-exports the public API; implementation lives in private modu
 from __future__ import annotations
 
 from . import errors as errors
-from ._errors import AstraError as AstraError, AstraInternalError as AstraInternalError
+from ._client import Client as Client, cancelled as cancelled
+from ._errors import (
+    AstraError as AstraError,
+    AstraInternalError as AstraInternalError,
+    KernelNotRunningError as KernelNotRunningError,
+    RemoteError as RemoteError,
+    SerializationError as SerializationError,
+    TaskTimeoutError as TaskTimeoutError,
+    TooManyClientsError as TooManyClientsError,
+    WorkerCrashedError as WorkerCrashedError,
+)
+from ._future import Future as Future
+from ._kernel import Kernel as Kernel, connect as connect
 from ._version import __version__ as __version__
 
-__all__ = ["AstraError", "AstraInternalError", "__version__", "errors"]
+__all__ = [
+    "AstraError",
+    "AstraInternalError",
+    "Client",
+    "Future",
+    "Kernel",
+    "KernelNotRunningError",
+    "RemoteError",
+    "SerializationError",
+    "TaskTimeoutError",
+    "TooManyClientsError",
+    "WorkerCrashedError",
+    "__version__",
+    "cancelled",
+    "connect",
+    "errors",
+]
 
 
 def _fixup_module_metadata() -> None:

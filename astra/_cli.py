@@ -1,25 +1,62 @@
 """The ``astra`` and ``astrad`` command lines.
 
-``astra --version`` and ``astra cleanup`` (remove the shared-memory objects of dead
-instances) work today; ``status``, ``ps``, ``top``, ``run`` and ``kill`` arrive with the
-kernel. ``astrad`` is the daemon's entry point; until the kernel lands it only answers
-``--version`` and otherwise exits with ``EXIT_UNAVAILABLE`` and says why.
+``astrad [--workers N] [--name NAME] [--state-dir DIR]`` runs the daemon in the foreground
+(systemd runs it as a service). ``astra status|ps|stop [--json]`` inspect and stop a
+running daemon, ``astra demo`` starts an embedded kernel and runs a small task demo, and
+``astra cleanup`` removes the shared memory of dead instances.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
 import sys
-from typing import Final
+import time
+from typing import TYPE_CHECKING, Any, Final
 
-from ipc import cleanup_stale
+import psutil  # type: ignore[import-untyped]
 
+from ipc import Instance, IPCError, cleanup_stale, is_alive
+from kernel import (
+    DEFAULT_CONFIG_PATH,
+    RELOADABLE,
+    ConfigError,
+    ControlBlock,
+    InstanceExistsError,
+    Notifier,
+    RestartPolicy,
+    config_keys,
+    configure_logging,
+    default_state_dir,
+    format_config,
+    list_states,
+    load_config,
+    log_event,
+    read_state,
+    run_daemon,
+)
+
+from ._service import UNIT_NAME, install_unit, render_unit
 from ._version import __version__
+
+_log = logging.getLogger("astra.daemon")
+
+if TYPE_CHECKING:
+    from kernel import DaemonState
 
 #: Exit codes (sysexits.h values where one fits).
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 64
 EXIT_UNAVAILABLE: Final = 69
+EXIT_TEMPFAIL: Final = 75  # astrad: another live astrad has this name
+EXIT_CANTCREAT: Final = 73  # astra service install: the unit could not be written
+EXIT_CONFIG: Final = 78  # astrad: a bad configuration; nothing was started
+
+#: How long ``astra stop`` waits for the daemon to exit by default.
+STOP_TIMEOUT_S: Final = 30.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +66,27 @@ def _parser() -> argparse.ArgumentParser:
     clean = sub.add_parser("cleanup", help="remove shared memory left by dead Astra instances")
     clean.add_argument("--label", default=None, help="only instances with this label")
     clean.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    for name, text in (
+        ("status", "the daemon's instance, uptime and workers"),
+        ("ps", "the processes of running daemons"),
+        ("stop", "stop a daemon (SIGTERM: it drains, then exits)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--name", default="default", help="daemon name (default: default)")
+        p.add_argument("--state-dir", default=None, help="daemon state directory")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "stop":
+            p.add_argument("--timeout", type=float, default=STOP_TIMEOUT_S)
+    demo = sub.add_parser("demo", help="start an embedded kernel and run a small task demo")
+    demo.add_argument("--workers", type=int, default=None)
+    service = sub.add_parser("service", help="run astrad as a systemd service")
+    service_sub = service.add_subparsers(dest="action", required=True)
+    install = service_sub.add_parser("install", help=f"write {UNIT_NAME} for systemd")
+    install.add_argument("--unit-dir", default="/etc/systemd/system")
+    install.add_argument("--user", default="astra", help="account astrad runs as")
+    install.add_argument("--astrad", default=None, help="absolute path of astrad")
+    install.add_argument("--args", default="", help="extra astrad arguments")
+    install.add_argument("--print", action="store_true", help="print the unit, write nothing")
     return parser
 
 
@@ -42,17 +100,275 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"removed /dev/shm/{entry}")
             print(f"{len(removed)} stale object(s) removed")
         return EXIT_OK
+    if args.command == "status":
+        return _status(args)
+    if args.command == "ps":
+        return _ps(args)
+    if args.command == "stop":
+        return _stop(args)
+    if args.command == "demo":
+        return _demo(args.workers)
+    if args.command == "service":
+        return _service_install(args)
     _parser().print_help(sys.stderr)
     return EXIT_USAGE
 
 
+# ---- service ----
+
+
+def _service_install(args: argparse.Namespace) -> int:
+    options = {"astrad": args.astrad, "args": args.args, "user": args.user}
+    try:
+        if args.print:
+            print(render_unit(**options), end="")
+            return EXIT_OK
+        path = install_unit(args.unit_dir, **options)
+    except (ValueError, OSError) as exc:
+        print(f"astra: {exc}", file=sys.stderr)
+        return EXIT_CANTCREAT
+    print(f"wrote {path}; then, as root:")
+    print(f"  useradd --system --no-create-home {args.user}   # once")
+    print("  systemctl daemon-reload && systemctl enable --now astrad")
+    return EXIT_OK
+
+
+# ---- status, ps, stop ----
+
+
+def _live_state(args: argparse.Namespace) -> DaemonState | None:
+    state = read_state(args.name, args.state_dir)
+    if state is None or not is_alive(state.pid, state.start):
+        print(f"astra: no astrad named {args.name!r} is running", file=sys.stderr)
+        return None
+    return state
+
+
+def _proc_info(pid: int, procs: dict[int, psutil.Process]) -> dict[str, object]:
+    p = procs.get(pid)
+    if p is None:
+        return {"cpu_percent": None, "rss_bytes": None}
+    try:
+        return {"cpu_percent": p.cpu_percent(None), "rss_bytes": p.memory_info().rss}
+    except psutil.Error:
+        return {"cpu_percent": None, "rss_bytes": None}
+
+
+def _snapshot(state: DaemonState) -> dict[str, Any]:
+    inst = Instance.attach(state.instance)
+    control = ControlBlock.open(inst)
+    try:
+        rows = [control.worker(i) for i in range(control.workers)]
+        procs = {}
+        for pid in [state.pid] + [r.pid for r in rows]:
+            try:
+                procs[pid] = psutil.Process(pid)
+                procs[pid].cpu_percent(None)  # the first call starts the sample
+            except psutil.Error:
+                pass
+        time.sleep(0.1)  # CPU% needs an interval
+        workers = [
+            {
+                "id": f"w{r.index:02d}",
+                "pid": r.pid,
+                "core": r.core,
+                "queued": r.queued,
+                "tasks_done": r.tasks_done,
+                "restarts": r.restarts,
+                **_proc_info(r.pid, procs),
+            }
+            for r in rows
+        ]
+        return {
+            "name": state.name,
+            "instance": state.instance,
+            "pid": state.pid,
+            "state": control.state.name.lower(),
+            "uptime_s": round(time.time() - state.started, 3),
+            "clients": [{"slot": c.slot, "pid": c.pid} for c in control.clients()],
+            "astrad": _proc_info(state.pid, procs),
+            "workers": workers,
+        }
+    finally:
+        control.close()
+
+
+def _status(args: argparse.Namespace) -> int:
+    state = _live_state(args)
+    if state is None:
+        return EXIT_UNAVAILABLE
+    try:
+        snap = _snapshot(state)
+    except (IPCError, OSError) as exc:
+        print(f"astra: astrad {args.name!r} is not reachable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if args.json:
+        print(json.dumps(snap))
+        return EXIT_OK
+    print(
+        f"astrad {snap['name']!r}  pid {snap['pid']}  instance {snap['instance']}  "
+        f"{snap['state']}  up {snap['uptime_s']:.0f} s  clients {len(snap['clients'])}"
+    )
+    print(f"{'worker':<7}{'pid':>8}{'core':>6}{'cpu%':>7}{'rss MiB':>9}{'queued':>8}{'done':>10}")
+    for w in snap["workers"]:
+        print(_worker_line(w))
+    return EXIT_OK
+
+
+def _worker_line(w: dict[str, Any]) -> str:
+    core = "-" if w["core"] is None else str(w["core"])
+    cpu = "-" if w["cpu_percent"] is None else f"{w['cpu_percent']:.1f}"
+    rss = "-" if w["rss_bytes"] is None else f"{w['rss_bytes'] / 2**20:.1f}"
+    return (
+        f"{w['id']:<7}{w['pid']:>8}{core:>6}{cpu:>7}{rss:>9}{w['queued']:>8}{w['tasks_done']:>10}"
+    )
+
+
+def _ps(args: argparse.Namespace) -> int:
+    rows = []
+    for state in list_states(args.state_dir):
+        if not is_alive(state.pid, state.start):
+            continue
+        rows.append({"name": state.name, "pid": state.pid, "role": "astrad"})
+        try:
+            children = psutil.Process(state.pid).children()
+        except psutil.Error:
+            children = []
+        for child in children:
+            try:
+                rows.append({"name": state.name, "pid": child.pid, "role": child.name()})
+            except psutil.Error:
+                continue
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{'name':<16}{'pid':>8}  role")
+        for r in rows:
+            print(f"{r['name']:<16}{r['pid']:>8}  {r['role']}")
+    return EXIT_OK
+
+
+def _stop(args: argparse.Namespace) -> int:
+    state = _live_state(args)
+    if state is None:
+        return EXIT_UNAVAILABLE
+    try:
+        proc = psutil.Process(state.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(args.timeout)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        print(f"astra: astrad {args.name!r} did not stop in {args.timeout} s", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if args.json:
+        print(json.dumps({"name": args.name, "pid": state.pid, "stopped": True}))
+    else:
+        print(f"astrad {args.name!r} (pid {state.pid}) stopped")
+    return EXIT_OK
+
+
+# ---- demo ----
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _pid(_: int) -> int:
+    return os.getpid()
+
+
+def _demo(workers: int | None) -> int:
+    from ._kernel import Kernel
+
+    t0 = time.perf_counter()
+    with Kernel(workers=workers) as k:
+        ready_ms = (time.perf_counter() - t0) * 1e3
+        print(f"embedded kernel ready in {ready_ms:.1f} ms with {k.workers} workers")
+        print("squares:", k.map(_square, range(10)))
+        futures = [k.submit(_square, i) for i in range(1000)]
+        print("sum of 1,000 squares:", sum(k.gather(futures)))
+        pids = sorted(set(k.map(_pid, range(200))))
+        print(f"200 tasks ran in {len(pids)} worker processes: {pids}")
+    print("kernel stopped; shared memory removed")
+    return EXIT_OK
+
+
+# ---- astrad ----
+
+
+def _astrad_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="astrad",
+        description="The Astra supervisor daemon. Settings: flag > ASTRA_* env > file > default.",
+    )
+    parser.add_argument("--version", action="version", version=f"astrad {__version__}")
+    parser.add_argument(
+        "--config", default=None, help=f"config file (default: {DEFAULT_CONFIG_PATH})"
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate, print the effective config, exit"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="default: one per core")
+    parser.add_argument("--name", default=None, help="instance name (one astrad per name)")
+    parser.add_argument("--state-dir", default=None, help=f"default: {default_state_dir()}")
+    parser.add_argument("--max-clients", type=int, default=None)
+    parser.add_argument("--log-level", default=None, help="debug, info, warning or error")
+    parser.add_argument("--log-format", default=None, help="text (default) or json")
+    parser.add_argument("--metrics-addr", default=None, help="serve /metrics on HOST:PORT")
+    return parser
+
+
 def astrad_main(argv: list[str] | None = None) -> int:
     """Entry point of ``astrad``. Returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="astrad", description="The Astra supervisor daemon.")
-    parser.add_argument("--version", action="version", version=f"astrad {__version__}")
-    parser.parse_args(argv)
-    print("astrad: the supervisor is not built yet (see the kernel issue)", file=sys.stderr)
-    return EXIT_UNAVAILABLE
+    args = _astrad_parser().parse_args(argv)
+    flags = {key: getattr(args, key) for key in config_keys() if hasattr(args, key)}
+    try:
+        config, sources = load_config(args.config, flags=flags)
+    except ConfigError as exc:
+        print(f"astrad: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(format_config(config, sources), end="")
+        return EXIT_OK
+    try:
+        notifier = Notifier.from_environment()
+    except ValueError as exc:
+        print(f"astrad: bad systemd environment: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_level, config.log_format)
+
+    def reload() -> None:
+        # SIGHUP: re-read; apply what can change live (kernel.config.RELOADABLE).
+        notifier.reloading()
+        new, _ = load_config(args.config, flags=flags)
+        changed = [k for k in config_keys() if getattr(new, k) != getattr(config, k)]
+        ignored = [k for k in changed if k not in RELOADABLE]
+        configure_logging(new.log_level, new.log_format)
+        log_event(_log, logging.INFO, "config_reloaded", changed=",".join(changed) or "-",
+                  needs_restart=",".join(ignored) or "-")  # fmt: skip
+        notifier.ready(status="configuration reloaded")
+
+    try:
+        return run_daemon(
+            config.name,
+            workers=config.workers or None,
+            state_dir=config.state_dir or None,
+            max_clients=config.max_clients,
+            policy=RestartPolicy(
+                max_restarts=config.max_restarts,
+                within_s=config.restart_within_s,
+                shutdown_timeout_s=config.shutdown_timeout_s,
+            ),
+            notifier=notifier,
+            on_reload=reload,
+        )
+    except InstanceExistsError as exc:
+        print(f"astrad: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    finally:
+        notifier.close()
 
 
 if __name__ == "__main__":

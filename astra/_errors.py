@@ -2,6 +2,15 @@
 
     AstraError
     +-- AstraInternalError     this should never happen; please file a bug
+    +-- KernelNotRunningError  the kernel is stopped, draining, or died; or no astrad runs
+    +-- TooManyClientsError    every client slot of the astrad is taken
+    +-- WorkerCrashedError     a task's worker died more often than its retries allow
+    +-- TaskTimeoutError       a task ran past its timeout=
+    +-- SerializationError     a function, argument or result would not (un)pickle
+    +-- RemoteError            a task raised an exception that could not cross back
+
+    RemoteTraceback            not raised: the ``__cause__`` of an exception a task raised,
+                               holding the worker-side traceback
 
 Lower layers define their own roots (``ipc.IPCError``, ``sandbox.SandboxError``,
 ``kernel.KernelError``); the client maps them onto this tree at the boundary, so users never
@@ -13,6 +22,13 @@ from __future__ import annotations
 __all__ = [
     "AstraError",
     "AstraInternalError",
+    "KernelNotRunningError",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "TaskTimeoutError",
+    "TooManyClientsError",
+    "WorkerCrashedError",
 ]
 
 
@@ -25,3 +41,47 @@ class AstraInternalError(AstraError):
 
     This should never happen; please file a bug with the traceback.
     """
+
+
+class KernelNotRunningError(AstraError):
+    """Raised by ``submit``/``map`` on a closed, draining or dead kernel, by ``connect``
+    when no ``astrad`` of that name runs, and set on every pending future when the kernel
+    goes away (an ``astrad`` killed with SIGKILL, say) instead of leaving it to hang."""
+
+
+class TooManyClientsError(AstraError):
+    """Raised by ``astra.connect`` when every client slot of the ``astrad`` is taken."""
+
+
+class WorkerCrashedError(AstraError):
+    """Set on a future whose task was running when its worker died (SIGKILL, a segfault,
+    ``os._exit``) more times than the task's ``retries`` allow (as in CPython's
+    ``BrokenProcessPool``)."""
+
+
+class TaskTimeoutError(AstraError):
+    """Set on a future whose task ran longer than its ``timeout=``. The worker interrupts
+    the task (a timer signal for plain functions, cancellation for ``async def`` ones)."""
+
+
+class SerializationError(AstraError):
+    """Raised by ``submit``/``map`` when the function or an argument cannot be pickled, and
+    set on a future when the worker cannot unpickle them or cannot pickle the result. The
+    worker is unharmed."""
+
+
+class RemoteError(AstraError):
+    """Set on a future when its task raised an exception that could not be pickled back;
+    the message holds the exception's repr and ``__cause__`` its traceback."""
+
+
+class RemoteTraceback(Exception):
+    """The ``__cause__`` of an exception raised by a task: its text is the worker-side
+    traceback (as CPython's ``concurrent.futures.process._RemoteTraceback``)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb

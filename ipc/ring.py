@@ -403,7 +403,6 @@ def _block(sem: posix_ipc.Semaphore, deadline: float | None, check: Callable[[],
             check()
 
 
-
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 

@@ -40,11 +40,11 @@ import platform
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final
 
 import astra
 
-from ._harness import Report, lower_is_better, median, percentile
+from ._harness import Report, Target, format_targets, median, percentile
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -80,7 +80,7 @@ def noop(x: object = None) -> object:
 # ---- Measuring helpers ----
 
 
-def _rate(n: int, reps: int, run_once: Callable[[], None]) -> float:
+def _rate(n: int, reps: int, run_once: Callable[[], object]) -> float:
     run_once()  # warm-up: ships the function, faults in the rings
     times = []
     for _ in range(reps):
@@ -101,11 +101,13 @@ def _latency(rounds: int, call_once: Callable[[], object]) -> tuple[float, float
     return percentile(samples, 50), percentile(samples, 99)
 
 
-def _add_all(report: Report, system: str, label: str, figs: dict[str, float], **kw: str) -> None:
+def _add_all(
+    report: Report, system: str, label: str, figs: dict[str, float], config: str = ""
+) -> None:
     units = {"noop_10k": "tasks/s", "noop_10k_map": "tasks/s", "sync_p50": "us",
              "sync_p99": "us", "first_result": "ms", "ready": "ms"}  # fmt: skip
     for workload, value in figs.items():
-        report.add(workload, system, value, units[workload], label=label, **kw)
+        report.add(workload, system, value, units[workload], label=label, config=config)
 
 
 # ---- Astra ----
@@ -193,11 +195,11 @@ def _bench_dask(report: Report, plan: Plan) -> None:
     logging.getLogger("distributed").setLevel(logging.ERROR)
     n = plan.slow_tasks
     t0 = time.perf_counter()
-    cluster = LocalCluster(
+    cluster = LocalCluster(  # type: ignore[no-untyped-call]
         n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None
     )
     try:
-        with Client(cluster) as client:
+        with Client(cluster) as client:  # type: ignore[no-untyped-call]
             client.submit(noop, 1, pure=False).result()
             first = (time.perf_counter() - t0) * 1e3
 
@@ -224,7 +226,8 @@ def _bench_ray(report: Report, plan: Plan) -> None:
     t0 = time.perf_counter()
     ray.init(num_cpus=WORKERS, include_dashboard=False, logging_level=logging.ERROR)
     try:
-        remote = ray.remote(noop)
+        # ray's stubs see noop's default argument and type the remote as taking none
+        remote: Any = ray.remote(noop)
         ray.get(remote.remote(1))
         first = (time.perf_counter() - t0) * 1e3
         submit = _rate(n, plan.reps, lambda: ray.get([remote.remote(i) for i in range(n)]))
@@ -238,39 +241,16 @@ def _bench_ray(report: Report, plan: Plan) -> None:
 # ---- Targets (issue 3, on the 2-core development machine) ----
 
 
-class _Target(NamedTuple):
-    text: str
-    astra: tuple[str, str]  # (workload, system)
-    peer: tuple[str, str] | None  # None: an absolute bound in the figure's unit
-    bound: float  # ratio astra/peer (or absolute value) that must be met
-
-
 _TARGETS: Final = (
-    _Target("no-op throughput >= 2x mp.Pool apply_async", ("noop_10k", "astra"),
+    Target("no-op throughput >= 2x mp.Pool apply_async", ("noop_10k", "astra"),
             ("noop_10k", "mp_pool"), 2.0),
-    _Target("no-op throughput (map) >= 1x mp.Pool imap", ("noop_10k_map", "astra_map"),
+    Target("no-op throughput (map) >= 1x mp.Pool imap", ("noop_10k_map", "astra_map"),
             ("noop_10k_map", "mp_imap"), 1.0),
-    _Target("no-op throughput >= 20x Ray", ("noop_10k", "astra"), ("noop_10k", "ray"), 20.0),
-    _Target("sync latency p50 <= ProcessPoolExecutor / 2", ("sync_p50", "astra"),
+    Target("no-op throughput >= 20x Ray", ("noop_10k", "astra"), ("noop_10k", "ray"), 20.0),
+    Target("sync latency p50 <= ProcessPoolExecutor / 2", ("sync_p50", "astra"),
             ("sync_p50", "ppe"), 0.5),
-    _Target("embedded kernel ready < 150 ms", ("ready", "astra"), None, 150.0),
+    Target("embedded kernel ready < 150 ms", ("ready", "astra"), None, 150.0),
 )  # fmt: skip
-
-
-def format_targets(report: Report) -> str:
-    """One line per target: the figure, the bound, met or NOT met (n/a if a figure is missing)."""
-    lines = ["== targets =="]
-    for t in _TARGETS:
-        fig = report.find(*t.astra)
-        peer = report.find(*t.peer) if t.peer else None
-        if fig is None or fig.value is None or (t.peer and (peer is None or not peer.value)):
-            lines.append(f"  n/a      {t.text}")
-            continue
-        got = fig.value / peer.value if peer and peer.value else fig.value
-        met = got <= t.bound if lower_is_better(fig.unit) else got >= t.bound
-        shown = f"{got:.2f}x" if t.peer else f"{got:.1f} {fig.unit}"
-        lines.append(f"  {'met    ' if met else 'NOT met'}  {t.text}: {shown}")
-    return "\n".join(lines) + "\n"
 
 
 # ---- Entry point ----
@@ -327,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Astra task benchmark ({mode}): {os.cpu_count()} CPUs, {WORKERS} workers each, "
             f"Python {platform.python_version()}, {time.perf_counter() - started:.1f} s\n"
         )
-    report.emit(json_only=args.json_only, footer=format_targets(report))
+    report.emit(json_only=args.json_only, footer=format_targets(report, _TARGETS))
     return 0
 
 

@@ -8,13 +8,31 @@ import ipc
 
 def test_astra_exports_are_locked():
     assert astra.__all__ == sorted(astra.__all__)
-    assert set(astra.__all__) == {"AstraError", "AstraInternalError", "__version__", "errors"}
+    assert set(astra.__all__) == {
+        "AstraError",
+        "AstraInternalError",
+        "Client",
+        "Future",
+        "Kernel",
+        "KernelNotRunningError",
+        "RemoteError",
+        "SerializationError",
+        "TaskTimeoutError",
+        "TooManyClientsError",
+        "WorkerCrashedError",
+        "__version__",
+        "cancelled",
+        "connect",
+        "errors",
+    }
     for name in astra.__all__:
         assert hasattr(astra, name)
 
 
 def test_public_errors_claim_the_astra_module():
     assert astra.AstraError.__module__ == "astra"
+    assert astra.Kernel.__module__ == "astra"
+    assert astra.WorkerCrashedError.__module__ == "astra"
     assert issubclass(astra.AstraInternalError, astra.AstraError)
 
 
@@ -30,3 +48,10 @@ def test_sandbox_exports_exist_and_are_sorted():
     for name in sandbox.__all__:
         assert hasattr(sandbox, name), name
     assert issubclass(sandbox.SandboxTimeout, sandbox.SandboxError)
+
+
+def test_kernel_exports_exist():
+    import kernel
+
+    for name in kernel.__all__:
+        assert hasattr(kernel, name), name

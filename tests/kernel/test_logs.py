@@ -13,6 +13,17 @@ import pytest
 from kernel.logs import LOGGER_NAME, configure_logging, log_event
 
 
+@pytest.fixture(autouse=True)
+def _restore_astra_logger():
+    """configure_logging changes the process-wide ``astra`` logger: put it back."""
+    root = logging.getLogger(LOGGER_NAME)
+    saved = (root.level, root.propagate, list(root.handlers))
+    yield
+    root.setLevel(saved[0])
+    root.propagate = saved[1]
+    root.handlers[:] = saved[2]
+
+
 @pytest.fixture
 def capture():
     stream = io.StringIO()

@@ -1,0 +1,830 @@
+"""``astra.Client``: tasks and futures over a kernel's shared-memory rings.
+
+Both ``astra.Kernel`` (an embedded kernel owned by this process) and ``astra.connect()`` (a
+client of a running ``astrad``) are ``Client``s. A client registers in the kernel's control
+block (a slot claim under an OFD lock), owns one inbox ring ``to_c<slot>`` that every worker
+and the supervisor write to, and writes ``RunTask``s into each worker's inbox ring. A
+receiver thread turns replies into futures; a dispatcher thread re-sends tasks on behalf of
+the receiver, which must never block on a full ring (it is what drains the replies that
+would unblock it).
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_RETRIES", "Client", "cancelled"]
+
+import atexit
+import concurrent.futures
+import contextlib
+import ctypes
+import dataclasses
+import itertools
+import os
+import pickle
+import queue
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Final, TypeVar
+
+from ipc import (
+    IPCError,
+    RingClosedError,
+    RingEmpty,
+    RingFull,
+    RingWriter,
+    SegmentError,
+    open_ring,
+)
+from kernel import (
+    CancelRun,
+    ErrorKind,
+    RunTask,
+    ShippingError,
+    TaskDone,
+    TaskError,
+    Wake,
+    WorkerLost,
+    cancel_requested,
+    decode_frames,
+    encode,
+    function_key,
+    shipping,
+    worker_ring,
+)
+
+from ._errors import (
+    KernelNotRunningError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from ._future import Future
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+
+    from ipc import Arena, ArrayRef, Instance
+    from kernel import ControlBlock
+
+T = TypeVar("T")
+
+#: Re-runs a task gets, by default, after its worker died under it. An exception raised by
+#: the task itself is never retried.
+DEFAULT_RETRIES: Final = int(os.getenv("ASTRA_DEFAULT_RETRIES", "3"))
+#: Longest the receiver thread sleeps before checking that the kernel is alive.
+RECV_SLICE_S: Final = 0.25
+#: Slots and bytes per slot of each lane of a client's inbox ring.
+INBOX_SLOTS: Final = 64
+INBOX_SLOT_BYTES: Final = 16 * 1024
+#: Largest pickled arguments (or function) a task may carry: frames stay under the rings'
+#: 64 MiB frame limit. XX: large numpy arguments could travel through the arena.
+MAX_ARGS_BYTES: Final = 48 << 20
+#: Frames a worker's outbox holds (while its ring is full) before submitters wait.
+OUTBOX_MAX: Final = 4096
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Task:
+    """The client's record of one task until its future completes."""
+
+    id: int
+    future: Future[object]
+    fn_key: bytes
+    args: bytes
+    priority: int
+    timeout_s: float
+    retries_left: int
+    worker: int = -1  # the worker it was last sent to; -1 before
+    deferred: bool = False  # waits for dependencies; sent by their last callback
+    generation: int = 0  # that worker's generation when it was sent
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _WorkerLink:
+    """This client's view of one worker: its current inbox ring and what is in flight."""
+
+    index: int
+    generation: int
+    writer: RingWriter
+    core: int | None = None  # the CPU the worker is pinned to
+    sent_keys: set[bytes] = dataclasses.field(default_factory=set)
+    inflight: set[int] = dataclasses.field(default_factory=set)
+    stale_seen: bool = False  # the control block showed a newer generation last check
+    # Frames not yet in the ring, in order; guarded by ``cond``. Invariant: non-empty only
+    # while ``flushing`` (the dispatcher owns sending them; submitters only append).
+    outbox: list[bytes] = dataclasses.field(default_factory=list)
+    flushing: bool = False  # the dispatcher is sending the outbox (blocking)
+    cond: threading.Condition = dataclasses.field(default_factory=threading.Condition)
+
+
+class Client:
+    """Submit tasks to a kernel and get ``astra.Future``s back.
+
+    Obtained from ``astra.Kernel(...)`` or ``astra.connect(...)``; use it as a context
+    manager or call ``close()``. Safe to use from several threads.
+    """
+
+    def __init__(
+        self,
+        kernel_instance: Instance,
+        control: ControlBlock,
+        arena: Arena | None,
+        own_instance: Instance,
+    ) -> None:
+        self._kinst = kernel_instance
+        self._control = control
+        self._arena = arena
+        self._inst = own_instance
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._future_cond = threading.Condition()  # shared by this client's futures
+        self._tasks: dict[int, _Task] = {}
+        self._ids = itertools.count(1)
+        self._fn_cache: weakref.WeakKeyDictionary[object, tuple[bytes, bytes]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._fn_data: dict[bytes, bytes] = {}
+        self._closed = False
+        self._closing = False
+        self._broken: BaseException | None = None
+        self._graveyard: list[RingWriter] = []
+        self._rr = 0
+        self._last_check = time.monotonic()
+        self._slot, self._gen = control.register(own_instance.id, self._pid)
+        self._links: list[_WorkerLink] = []
+        try:
+            # Lanes: every worker, a replacement for each (a restarted worker claims a lane
+            # before the reader has reaped its predecessor's), the supervisor, ourselves.
+            self._wake, self._reader = open_ring(
+                own_instance,
+                f"to_c{self._slot}",
+                lanes=2 * control.workers + 2,
+                slots=INBOX_SLOTS,
+                slot_bytes=INBOX_SLOT_BYTES,
+            )
+            self._reader.claim()
+            for i in range(control.workers):
+                self._links.append(self._attach(i))
+        except BaseException:
+            if hasattr(self, "_reader"):
+                self._release_rings()
+            control.unregister(self._slot, self._gen)
+            raise
+        self._dispatch_q: queue.SimpleQueue[list[_Task] | _WorkerLink | None] = queue.SimpleQueue()
+        self._dispatcher: threading.Thread | None = None
+        self._receiver = threading.Thread(
+            target=self._receive, name=f"astra-client-c{self._slot}", daemon=True
+        )
+        self._receiver.start()
+        atexit.register(self.close)
+
+    def _attach(self, index: int) -> _WorkerLink:
+        gen = self._control.worker_generation(index)
+        writer = RingWriter.attach(self._kinst, worker_ring(index, gen))
+        return _WorkerLink(index, gen, writer, core=self._control.worker(index).core)
+
+    # ---- Submitting ----
+
+    def submit(
+        self,
+        fn: Callable[..., T],
+        /,
+        *args: object,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float | None = None,
+        priority: int = 0,
+        **kwargs: object,
+    ) -> Future[T]:
+        """Run ``fn(*args, **kwargs)`` on a worker; returns its future at once.
+
+        A ``Future`` among the arguments is a dependency: the task is sent when it has
+        completed, with its result in its place (its failure fails this task too).
+        ``retries`` (default ``DEFAULT_RETRIES``): re-runs allowed after the worker died
+        under the task; an exception the task raises is never retried. ``timeout``: wall
+        seconds for one run, then ``TaskTimeoutError``. ``priority``: higher runs first
+        among a worker's queued tasks.
+
+        Blocks only while ``OUTBOX_MAX`` tasks already wait for room in the chosen worker's
+        ring (backpressure). Raises ``SerializationError`` if ``fn`` or an argument cannot
+        be pickled and ``KernelNotRunningError`` if the kernel is closed or gone.
+        """
+        task = self._new_task(fn, args, kwargs, retries, timeout, priority)
+        if not task.deferred:
+            self._send([task])
+        return task.future  # type: ignore[return-value]
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[object],
+        retries: int = DEFAULT_RETRIES,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> list[T]:
+        """``[fn(*xs) for xs in zip(*iterables)]`` run in parallel; blocks for the results, in
+        order. Raises the first failed task's exception."""
+        futures = self.map_async(
+            fn, *iterables, retries=retries, timeout=timeout, priority=priority
+        )
+        return self.gather(futures)
+
+    def map_async(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[object],
+        retries: int = DEFAULT_RETRIES,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> list[Future[T]]:
+        """Like ``map`` but returns the futures at once (sent in batches, many per slot)."""
+        tasks = [
+            self._new_task(fn, xs, {}, retries, timeout, priority)
+            for xs in zip(*iterables, strict=False)
+        ]
+        self._send([t for t in tasks if not t.deferred])
+        return [t.future for t in tasks]  # type: ignore[misc]
+
+    @staticmethod
+    def gather(futures: Iterable[Future[T]], timeout: float | None = None) -> list[T]:
+        """The results of ``futures``, in order; blocks. Raises the first failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = []
+        for f in futures:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            out.append(f.result(left))
+        return out
+
+    @staticmethod
+    def as_completed(
+        futures: Iterable[Future[T]], timeout: float | None = None
+    ) -> Iterator[Future[T]]:
+        """Yield ``futures`` as they complete (``concurrent.futures.as_completed``)."""
+        done = concurrent.futures.as_completed(futures, timeout)
+        return done  # type: ignore[return-value]
+
+    def _new_task(
+        self,
+        fn: Callable[..., object],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        retries: int,
+        timeout: float | None,
+        priority: int,
+    ) -> _Task:
+        self._check_usable()
+        key = self._function(fn)
+        tid = next(self._ids)
+        fut: Future[object] = Future(self, tid, self._future_cond)
+        deps = _futures_in(args, kwargs)
+        packed = b"" if deps else self._pack(args, kwargs)
+        task = _Task(tid, fut, key, packed, priority, timeout or 0.0, retries, deferred=bool(deps))
+        with self._lock:
+            self._tasks[tid] = task
+        if deps:
+            self._after(task, deps, args, kwargs)
+        return task
+
+    def _function(self, fn: Callable[..., object]) -> bytes:
+        try:
+            cached = self._fn_cache.get(fn)
+        except TypeError:  # not weak-referenceable: ship it without caching the pickle
+            cached = None
+        if cached is None:
+            try:
+                cached = function_key(fn)
+            except ShippingError as exc:
+                raise SerializationError(str(exc)) from exc.__cause__
+            if len(cached[1]) > MAX_ARGS_BYTES:
+                raise SerializationError(f"function {fn!r} pickles to {len(cached[1])} B")
+            with contextlib.suppress(TypeError):
+                self._fn_cache[fn] = cached
+            self._fn_data.setdefault(*cached)
+        return cached[0]
+
+    @staticmethod
+    def _pack(args: tuple[object, ...], kwargs: dict[str, object]) -> bytes:
+        try:
+            data = shipping.dumps((args, kwargs))
+        except ShippingError as exc:
+            raise SerializationError(str(exc)) from exc.__cause__
+        if len(data) > MAX_ARGS_BYTES:
+            raise SerializationError(
+                f"arguments pickle to {len(data)} B, over {MAX_ARGS_BYTES} B: share large data "
+                "through files or shared memory instead"
+            )
+        return data
+
+    def _after(
+        self,
+        task: _Task,
+        deps: list[concurrent.futures.Future[object]],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> None:
+        """Send ``task`` once every dependency is done (a client-side DAG edge)."""
+        remaining = [len(deps)]
+        lock = threading.Lock()
+
+        def resolve(v: object) -> object:
+            return v.result() if isinstance(v, concurrent.futures.Future) else v
+
+        def on_done(_: concurrent.futures.Future[object]) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            failed = next((d for d in deps if d.cancelled() or d.exception()), None)
+            if failed is not None:
+                exc = (
+                    concurrent.futures.CancelledError("a dependency was cancelled")
+                    if failed.cancelled()
+                    else failed.exception()
+                )
+                assert exc is not None
+                self._finish(task.id, exc=exc)
+                return
+            try:
+                task.args = self._pack(
+                    tuple(resolve(a) for a in args), {k: resolve(v) for k, v in kwargs.items()}
+                )
+            except SerializationError as exc:
+                self._finish(task.id, exc=exc)
+                return
+            self._queue_send([task])
+
+        for dep in deps:
+            dep.add_done_callback(on_done)
+
+    # ---- Sending ----
+
+    def _send(self, tasks: list[_Task]) -> None:
+        """Send tasks to workers (each to the less loaded of two). Blocks only while a
+        worker's outbox is over ``OUTBOX_MAX`` frames."""
+        batches: dict[int, tuple[_WorkerLink, list[bytes]]] = {}
+        with self._lock:
+            for task in tasks:
+                if task.id not in self._tasks:
+                    continue  # cancelled meanwhile
+                link = self._choose()
+                task.worker, task.generation = link.index, link.generation
+                link.inflight.add(task.id)
+                fn = None
+                if task.fn_key not in link.sent_keys:
+                    link.sent_keys.add(task.fn_key)
+                    fn = self._fn_data[task.fn_key]
+                msg = RunTask(
+                    self._slot, self._gen, task.id, task.fn_key, fn, task.args,
+                    task.priority, task.timeout_s,
+                )  # fmt: skip
+                batch = batches.get(link.index)
+                if batch is None or batch[0] is not link:
+                    batch = batches[link.index] = (link, [])
+                batch[1].append(encode(msg))
+        for link, frames in batches.values():
+            self._push(link, frames)
+
+    def _push(self, link: _WorkerLink, frames: list[bytes]) -> None:
+        """Put ``frames`` into ``link``'s ring without blocking; if the ring is full, the
+        dispatcher sends the rest (blocking) while later frames queue behind them, to go
+        many to a slot. A dead worker's ring drops them: its ``WorkerLost`` re-sends.
+
+        Lock order: the client lock, then a link's ``cond``; the receiver thread never
+        takes a ``cond``, so a send blocked here cannot stop replies from being drained.
+        """
+        with link.cond:
+            if link.flushing:
+                link.outbox += frames
+                self._backpressure(link)
+                return
+            try:
+                link.writer.send_many(frames, timeout=0)
+                return
+            except RingFull as exc:
+                link.outbox = frames[exc.sent :]
+                link.flushing = True
+            except RingClosedError:
+                return
+        self._start_dispatcher()
+        self._dispatch_q.put(link)
+
+    def _backpressure(self, link: _WorkerLink) -> None:
+        # Called holding link.cond. Bounds the outbox: the submitter waits for the ring.
+        while link.flushing and len(link.outbox) > OUTBOX_MAX and not self._closing:
+            link.cond.wait(RECV_SLICE_S)
+
+    def _wait_sent(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until every outbox is in its ring."""
+        deadline = time.monotonic() + timeout
+        for link in list(self._links):
+            with link.cond:
+                while link.flushing and (left := deadline - time.monotonic()) > 0:
+                    link.cond.wait(left)
+
+    def _flush(self, link: _WorkerLink) -> None:
+        """Dispatcher: send ``link``'s outbox, blocking while the ring is full."""
+        while True:
+            with link.cond:
+                frames, link.outbox = link.outbox, []
+                if not frames:
+                    link.flushing = False
+                    link.cond.notify_all()
+                    return
+                link.cond.notify_all()
+            try:
+                link.writer.send_many(frames, timeout=RECV_SLICE_S)
+            except RingFull as exc:
+                if not self._closing:  # a full ring: keep the rest first in line, retry
+                    with link.cond:
+                        link.outbox[:0] = frames[exc.sent :]
+            except RingClosedError:
+                pass  # the worker died: its WorkerLost re-sends these tasks
+
+    def _choose(self) -> _WorkerLink:
+        """The less loaded of two workers (the next two round-robin). If both are idle, the
+        one pinned to the CPU this thread runs on: waking a task on our own core is a context
+        switch, on another (idle) core an inter-processor interrupt, tens of microseconds
+        in a VM, which dominates a synchronous round trip."""
+        links = self._links
+        n = len(links)
+        self._rr = (self._rr + 1) % n
+        a, b = links[self._rr], links[(self._rr + 1) % n]
+        la, lb = len(a.inflight), len(b.inflight)
+        if la == lb == 0 and b.core is not None and b.core == _current_cpu():
+            return b  # both idle: a synchronous round trip, where the core matters
+        return b if lb < la else a
+
+    def _queue_send(self, tasks: list[_Task]) -> None:
+        """Send from the receiver thread, which must not block: a dispatcher thread does."""
+        self._start_dispatcher()
+        self._dispatch_q.put(tasks)
+
+    def _start_dispatcher(self) -> None:
+        with self._lock:
+            if self._dispatcher is None:
+                self._dispatcher = threading.Thread(
+                    target=self._dispatch_loop, name=f"astra-dispatch-c{self._slot}", daemon=True
+                )
+                self._dispatcher.start()
+
+    def _dispatch_loop(self) -> None:
+        while (item := self._dispatch_q.get()) is not None:
+            try:
+                if isinstance(item, _WorkerLink):
+                    self._flush(item)
+                else:
+                    self._send(item)
+            except IPCError as exc:
+                tasks = [] if isinstance(item, _WorkerLink) else item
+                for task in tasks:
+                    self._finish(task.id, exc=KernelNotRunningError(str(exc)))
+
+    def _cancel_task(self, task_id: int) -> None:
+        with self._lock:
+            task = self._tasks.pop(task_id, None)
+            if task is None or task.worker < 0:
+                return
+            link = self._links[task.worker]
+            link.inflight.discard(task_id)
+            writer = link.writer if link.generation == task.generation else None
+            if writer is not None:
+                # Running: the task may poll astra.cancelled(); queued: the worker drops it.
+                self._control.request_cancel(self._slot, task.worker, task_id)
+        if writer is not None:
+            with contextlib.suppress(IPCError):
+                writer.send_nowait(encode(CancelRun(self._slot, task_id)))
+
+    # ---- Receiving (the receiver thread) ----
+
+    def _receive(self) -> None:
+        reader = self._reader
+        while True:
+            try:
+                frames = reader.recv_many(4096, timeout=RECV_SLICE_S)
+            except RingEmpty:
+                frames = []
+            except (RingClosedError, SegmentError):
+                return
+            self._handle_batch(decode_frames(frames))
+            if self._closed:
+                return  # a done-callback on this thread closed the client: rings are gone
+            if self._closing:
+                self._drain_ready()  # replies already published still complete their futures
+                return
+            now = time.monotonic()
+            if now - self._last_check >= RECV_SLICE_S:
+                self._last_check = now
+                self._check_kernel()
+
+    def _handle_batch(self, msgs: Sequence[object]) -> None:
+        """Plain results complete under one lock round per batch (the common case);
+        everything else goes through ``_handle`` in order."""
+        done: list[tuple[int, object]] = []
+        for msg in msgs:
+            if type(msg) is TaskDone and msg.ref is None:
+                try:
+                    done.append((msg.task_id, pickle.loads(msg.result)))  # type: ignore[arg-type]
+                    continue
+                except Exception:
+                    pass  # _on_done turns it into a SerializationError
+            if done:
+                self._finish_many(done)
+                done = []
+            self._handle(msg)
+        if done:
+            self._finish_many(done)
+
+    def _finish_many(self, done: list[tuple[int, object]]) -> None:
+        tasks = self._tasks
+        links = self._links
+        finished = []
+        with self._lock:
+            for task_id, value in done:
+                task = tasks.pop(task_id, None)
+                if task is not None:
+                    if task.worker >= 0:
+                        links[task.worker].inflight.discard(task_id)
+                    finished.append((task.future, value))
+        Future._set_results(self._future_cond, finished)
+
+    def _handle(self, msg: object) -> None:
+        if isinstance(msg, TaskDone):
+            self._on_done(msg)
+        elif isinstance(msg, TaskError):
+            self._on_error(msg)
+        elif isinstance(msg, WorkerLost):
+            self._on_worker_lost(msg.worker, msg.generation, msg.running_task)
+        # Wake: only makes the loop look at _closing; CodecError: nothing to do
+
+    def _on_done(self, msg: TaskDone) -> None:
+        if msg.ref is not None:
+            self._on_done_ref(msg.task_id, msg.ref)
+            return
+        assert msg.result is not None
+        try:
+            value = pickle.loads(msg.result)
+        except Exception as exc:
+            err = SerializationError(f"cannot unpickle the result: {exc!r}")
+            err.__cause__ = exc
+            self._finish(msg.task_id, exc=err)
+            return
+        self._finish(msg.task_id, value=value)
+
+    def _on_done_ref(self, task_id: int, ref: ArrayRef) -> None:
+        arena = self._arena
+        assert arena is not None
+        with self._lock:
+            wanted = task_id in self._tasks
+        if not wanted:
+            with contextlib.suppress(IPCError):
+                arena.release(ref)
+            return
+        arr = arena.view(ref)
+        # Every view of arr keeps arr alive (numpy collapses bases to it), so the hold goes
+        # when the last view does.
+        weakref.finalize(arr, self._release_ref, ref)
+        self._finish(task_id, value=arr)
+
+    def _release_ref(self, ref: ArrayRef) -> None:
+        if self._arena is not None and not self._closed and os.getpid() == self._pid:
+            with contextlib.suppress(IPCError):
+                self._arena.release(ref)
+
+    def _on_error(self, msg: TaskError) -> None:
+        kind = ErrorKind(msg.kind)
+        if kind is ErrorKind.UNKNOWN_FUNCTION:
+            with self._lock:
+                task = self._tasks.get(msg.task_id)
+                if task is not None:
+                    self._links[task.worker].sent_keys.discard(task.fn_key)
+            if task is not None:
+                self._queue_send([task])
+            return
+        exc: BaseException
+        if kind is ErrorKind.TIMEOUT:
+            exc = TaskTimeoutError(f"task {msg.task_id} ran past its timeout")
+        elif kind is ErrorKind.SERIALIZATION:
+            exc = SerializationError(msg.message)
+        else:
+            exc = _rebuild(msg)
+        exc.__cause__ = RemoteTraceback(msg.traceback)
+        self._finish(msg.task_id, exc=exc)
+
+    def _finish(self, task_id: int, value: object = None, exc: BaseException | None = None) -> None:
+        with self._lock:
+            task = self._tasks.pop(task_id, None)
+            if task is not None and task.worker >= 0:
+                self._links[task.worker].inflight.discard(task_id)
+        if task is None:
+            return  # cancelled, or a duplicate after a re-run
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            if exc is None:
+                task.future.set_result(value)
+            else:
+                task.future.set_exception(exc)
+
+    # ---- Workers lost, kernel gone ----
+
+    def _on_worker_lost(self, index: int, generation: int, running_task: int) -> None:
+        """Re-send the tasks the lost worker held; the running one uses up a retry."""
+        self._drain_ready()  # replies the worker published before dying count
+        with self._lock:
+            link = self._links[index]
+            if generation <= link.generation:
+                return  # already handled
+            try:
+                writer = RingWriter.attach(self._kinst, worker_ring(index, generation))
+            except (SegmentError, OSError):
+                return  # replaced again already; the next notice or check handles it
+            self._graveyard.append(link.writer)  # another thread may be sending through it
+            lost = [self._tasks[t] for t in link.inflight if t in self._tasks]
+            core = self._control.worker(index).core
+            self._links[index] = _WorkerLink(index, generation, writer, core=core)
+            crashed = []
+            for task in lost:
+                task.worker = -1
+                if task.id == running_task:
+                    task.retries_left -= 1
+                    if task.retries_left < 0:
+                        crashed.append(task)
+        for task in crashed:
+            self._finish(task.id, exc=WorkerCrashedError(f"worker w{index:02d} died"))
+        resend = [t for t in lost if t not in crashed]
+        if resend:
+            self._queue_send(resend)
+
+    def _drain_ready(self) -> None:
+        try:
+            frames = self._reader.recv_many(4096, timeout=0)
+        except (RingEmpty, RingClosedError):
+            return
+        self._handle_batch(decode_frames(frames))
+
+    def _check_kernel(self) -> None:
+        """Between slices: is the supervisor alive; did a worker change without notice?"""
+        if not self._control.supervisor_alive():
+            self._break(KernelNotRunningError("the kernel's supervisor is gone"))
+            return
+        for link in list(self._links):
+            gen = self._control.worker_generation(link.index)
+            if gen > link.generation:
+                if link.stale_seen:  # two checks in a row: the notice is not coming
+                    self._on_worker_lost(link.index, gen, -1)
+                link.stale_seen = True
+
+    def _break(self, exc: BaseException) -> None:
+        """Fail every pending future with ``exc``; later submits raise it."""
+        if self._broken is None:
+            self._broken = exc
+        with self._lock:
+            ids = list(self._tasks)
+        for tid in ids:
+            self._finish(tid, exc=exc)
+
+    def _check_usable(self) -> None:
+        if self._pid != _pid:
+            raise KernelNotRunningError(
+                f"this client belongs to process {self._pid}: connect again after fork"
+            )
+        if self._closed or self._closing:
+            raise KernelNotRunningError("this client is closed")
+        if self._broken is not None:
+            raise KernelNotRunningError(str(self._broken))
+        if not self._control.running_now:
+            raise KernelNotRunningError(f"the kernel is {self._control.state.name.lower()}")
+
+    # ---- Lifecycle ----
+
+    def statistics(self) -> ClientStatistics:
+        """Counts of this client's pending tasks, per worker."""
+        with self._lock:
+            return ClientStatistics(
+                slot=self._slot,
+                pending=len(self._tasks),
+                inflight=tuple(len(link.inflight) for link in self._links),
+            )
+
+    @property
+    def workers(self) -> int:
+        """Number of workers of the kernel."""
+        return self._control.workers
+
+    def close(self) -> None:
+        """Detach from the kernel: pending futures fail with ``KernelNotRunningError``, the
+        slot is freed and this client's segments removed. Safe to call twice."""
+        if self._closed or os.getpid() != self._pid:
+            return
+        self._stop_threads()
+        self._closed = True
+        atexit.unregister(self.close)
+        self._break(KernelNotRunningError("the client was closed"))
+        self._release_rings()
+        self._control.unregister(self._slot, self._gen)
+        self._close_shared()
+
+    def _stop_threads(self) -> None:
+        self._closing = True
+        with contextlib.suppress(IPCError):
+            self._wake.send(encode(Wake()), timeout=1.0)
+        me = threading.current_thread()
+        if me is not self._receiver:  # close() from a done-callback: it exits on return
+            self._receiver.join()
+        if self._dispatcher is not None:
+            self._dispatch_q.put(None)
+            if me is not self._dispatcher:
+                self._dispatcher.join()
+
+    def _release_rings(self) -> None:
+        for writer in (*self._graveyard, *(link.writer for link in self._links), self._wake):
+            with contextlib.suppress(IPCError, OSError):
+                writer.close()
+        self._reader.close()
+
+    def _close_shared(self) -> None:
+        if self._arena is not None:
+            self._arena.close()
+        self._control.close()
+        self._inst.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"slot={self._slot}"
+        return f"<astra.Client {self._kinst.id} {state}>"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    """A snapshot of one client's pending work."""
+
+    slot: int
+    pending: int
+    inflight: tuple[int, ...]
+
+
+# os.getpid() is a system call; the submit path compares against this copy instead.
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def _load_sched_getcpu() -> Callable[[], int] | None:
+    try:
+        fn: Callable[[], int] = ctypes.CDLL(None, use_errno=True).sched_getcpu
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return None
+    return fn
+
+
+_sched_getcpu = _load_sched_getcpu()
+
+
+def _current_cpu() -> int:
+    """The CPU this thread runs on now (vDSO, tens of nanoseconds); -1 if unknown."""
+    return int(_sched_getcpu()) if _sched_getcpu is not None else -1
+
+
+def cancelled() -> bool:
+    """Inside a task: whether its future was cancelled while it runs.
+
+    ``Future.cancel()`` drops a task that has not started and cancels a running ``async
+    def`` task outright; a running plain function cannot be interrupted safely, so a long
+    one polls ``astra.cancelled()`` and returns early (its result is discarded). Outside a
+    task, False. Cheap: one word of shared memory.
+    """
+    return cancel_requested()
+
+
+def _futures_in(
+    args: tuple[object, ...], kwargs: dict[str, object]
+) -> list[concurrent.futures.Future[object]]:
+    """The futures among the arguments (dependency edges); usually none, found fast."""
+    cls = concurrent.futures.Future
+    if not any(isinstance(a, cls) for a in args) and not (
+        kwargs and any(isinstance(v, cls) for v in kwargs.values())
+    ):
+        return []
+    return [a for a in (*args, *kwargs.values()) if isinstance(a, cls)]
+
+
+def _rebuild(msg: TaskError) -> BaseException:
+    if msg.error:
+        try:
+            exc = pickle.loads(msg.error)
+        except Exception:
+            exc = None
+        if isinstance(exc, BaseException):
+            return exc
+    return RemoteError(msg.message)

@@ -1,0 +1,119 @@
+"""``astra.Future``: a ``concurrent.futures.Future`` that is also awaitable in asyncio.
+
+Being a real ``concurrent.futures.Future`` subclass, it works with
+``concurrent.futures.wait``/``as_completed`` and ``asyncio.wrap_future`` unchanged.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Future"]
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator
+
+T = TypeVar("T")
+
+_PENDING: Final = "PENDING"
+_DONE: Final = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
+
+
+class _Canceller(Protocol):
+    def _cancel_task(self, task_id: int) -> None: ...
+
+
+class Future(concurrent.futures.Future[T]):
+    """The eventual result of a task submitted with ``submit``/``map``.
+
+    ``result(timeout)``, ``exception(timeout)``, ``done()``, ``add_done_callback()`` behave
+    as in ``concurrent.futures``; ``await future`` works in any asyncio loop. ``cancel()``
+    succeeds until the result has arrived: a task that has not started is dropped by its
+    worker; a running ``async def`` task is cancelled; a running plain function runs to the
+    end and its result is discarded.
+
+    A failed task's exception carries the worker-side traceback as ``__cause__``
+    (``astra.errors.RemoteTraceback``).
+    """
+
+    def __init__(
+        self,
+        owner: _Canceller | None = None,
+        task_id: int = -1,
+        condition: threading.Condition | None = None,
+    ) -> None:
+        # The fields of concurrent.futures.Future.__init__, set here so that the futures of
+        # one client can share one Condition: a Condition is seven objects for the cyclic
+        # garbage collector to trace, and 10,000 futures in flight made collections the
+        # largest cost of submit(). result()/exception() below re-check their own state,
+        # so a wake-up meant for another future is harmless.
+        self._condition = condition if condition is not None else threading.Condition()
+        self._state = _PENDING
+        self._result = None
+        self._exception: BaseException | None = None
+        self._waiters = []
+        self._done_callbacks: list[Callable[[concurrent.futures.Future[T]], object]] = []
+        self._owner = owner
+        self.task_id = task_id
+
+    def result(self, timeout: float | None = None) -> T:
+        """The task's result, waiting up to ``timeout`` seconds (None: forever). Raises the
+        task's exception, ``concurrent.futures.CancelledError`` or ``TimeoutError``."""
+        self._wait(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The task's exception, or None if it succeeded; waits like ``result``."""
+        self._wait(timeout)
+        return super().exception(0)
+
+    def _wait(self, timeout: float | None) -> None:
+        if self._state in _DONE:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while self._state not in _DONE:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return  # super() raises TimeoutError
+                self._condition.wait(left)
+
+    @staticmethod
+    def _set_results(
+        condition: threading.Condition, results: list[tuple[Future[object], object]]
+    ) -> None:
+        """Complete many futures sharing ``condition`` at once: one lock round and one
+        wake-up per batch instead of per future (the receiver thread's hot path). Does what
+        ``set_result`` does, skipping futures already cancelled."""
+        done = []
+        with condition:
+            for future, value in results:
+                if future._state != _PENDING:
+                    continue  # cancelled meanwhile: the result is dropped
+                future._result = value
+                future._state = "FINISHED"
+                for waiter in future._waiters:
+                    waiter.add_result(future)
+                done.append(future)
+            condition.notify_all()
+        for future in done:
+            if future._done_callbacks:
+                future._invoke_callbacks()  # type: ignore[attr-defined]
+
+    def cancel(self) -> bool:
+        """Cancel the task; False if it already finished. Never blocks."""
+        cancelled = super().cancel()
+        if cancelled and self._owner is not None:
+            owner, self._owner = self._owner, None
+            owner._cancel_task(self.task_id)
+        return cancelled
+
+    def __await__(self) -> Generator[object, None, T]:
+        return asyncio.wrap_future(self).__await__()
+
+    def __repr__(self) -> str:
+        return f"<astra.Future task={self.task_id} {self._state.lower()}>"

@@ -1,0 +1,164 @@
+"""``astrad``: the supervisor as a daemon with a name, a state directory and one instance
+per name.
+
+Protocol (single instance and discovery):
+
+1. *Lock.* ``astrad --name N`` takes an exclusive ``flock`` on ``<state-dir>/N.lock``
+   (mode 0600, in a 0700 directory). The kernel drops the lock when the process dies,
+   however it dies, so a second ``astrad`` with the same name is refused while the first
+   lives (``InstanceExistsError``) and accepted once it is dead.
+2. *Clean.* Holding the lock, it removes the segments of every instance whose owner is dead
+   (``cleanup_stale``), the remains of an ``astrad`` killed with SIGKILL included.
+3. *Publish.* It creates its instance, control block and arena, starts the supervisor, and
+   only then writes ``N.json`` (instance id, pid, start time, workers) by rename, so a
+   client that reads the file finds a running kernel.
+4. *Stop.* SIGTERM/SIGINT drain the workers (``kernel.supervisor`` protocol 4); the state
+   file, then every segment, is removed; the lock goes with the process.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DaemonState", "default_state_dir", "read_state", "run_daemon"]
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Final
+
+import msgspec
+
+from ipc import Arena, Instance, cleanup_stale
+
+from . import proc
+from .control import ControlBlock
+from .errors import InstanceExistsError
+from .supervisor import RestartPolicy, Supervisor, install_signal_wakeup
+
+#: Default client slots of an astrad.
+DEFAULT_MAX_CLIENTS: Final = int(os.getenv("ASTRA_MAX_CLIENTS", "16"))
+#: Default size of an astrad's payload arena.
+DEFAULT_ARENA_BYTES: Final = int(os.getenv("ASTRA_ARENA_BYTES", str(1 << 30)))
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .notify import Notifier
+
+log = logging.getLogger("astra.daemon")
+
+
+class DaemonState(msgspec.Struct, frozen=True):
+    """The contents of ``<state-dir>/<name>.json``."""
+
+    name: str  #: the daemon's name
+    instance: str  #: its shared-memory instance id
+    pid: int  #: the astrad process
+    start: int  #: its start time (ticks since boot), so a reused pid is not taken for it
+    workers: int  #: number of workers
+    started: float  #: wall-clock start (time.time())
+
+
+def default_state_dir() -> str:
+    """``$ASTRA_STATE_DIR``, else ``$XDG_RUNTIME_DIR/astra``, else ``~/.astra``."""
+    env = os.getenv("ASTRA_STATE_DIR")
+    if env:
+        return env
+    runtime = os.getenv("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "astra")
+    return os.path.join(os.path.expanduser("~"), ".astra")
+
+
+def read_state(name: str, state_dir: str | None = None) -> DaemonState | None:
+    """The state file of daemon ``name``, or None if there is none (or it is unreadable)."""
+    path = os.path.join(state_dir or default_state_dir(), f"{name}.json")
+    try:
+        with open(path, "rb") as f:
+            return msgspec.json.decode(f.read(), type=DaemonState)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def list_states(state_dir: str | None = None) -> list[DaemonState]:
+    """Every daemon state file in the directory."""
+    root = state_dir or default_state_dir()
+    try:
+        names = sorted(e[:-5] for e in os.listdir(root) if e.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    return [s for n in names if (s := read_state(n, root)) is not None]
+
+
+def _lock(state_dir: str, name: str) -> int:
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    fd = os.open(
+        os.path.join(state_dir, f"{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        other = read_state(name, state_dir)
+        who = f" (pid {other.pid})" if other else ""
+        raise InstanceExistsError(f"astrad {name!r} is already running{who}") from None
+    return fd
+
+
+def _write_state(state_dir: str, state: DaemonState) -> str:
+    path = os.path.join(state_dir, f"{state.name}.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.json.encode(state))
+    os.replace(tmp, path)
+    return path
+
+
+def run_daemon(
+    name: str = "default",
+    *,
+    workers: int | None = None,
+    state_dir: str | None = None,
+    max_clients: int = DEFAULT_MAX_CLIENTS,
+    arena_bytes: int = DEFAULT_ARENA_BYTES,
+    policy: RestartPolicy | None = None,
+    notifier: Notifier | None = None,
+    on_reload: Callable[[], None] | None = None,
+) -> int:
+    """Run ``astrad`` in this process (its main thread) until SIGTERM/SIGINT; returns the
+    exit code. Tells systemd through ``notifier`` (READY=1 once the workers are up, watchdog
+    pings, STOPPING=1); SIGHUP calls ``on_reload``. Raises ``InstanceExistsError`` if a live
+    astrad already has ``name``."""
+    root = state_dir or default_state_dir()
+    lock_fd = _lock(root, name)
+    proc.set_name("astrad")
+    state_path = ""
+    try:
+        cleanup_stale(os.getenv("ASTRA_SHM_LABEL") or None)
+        n = workers or os.cpu_count() or 1
+        with Instance.create() as inst:
+            control = ControlBlock.create(inst, n, max_clients)
+            arena = Arena.create(inst, size=arena_bytes)
+            try:
+                sup = Supervisor(
+                    inst, control, arena, policy, notifier=notifier, on_reload=on_reload
+                )
+                sup.start()
+                install_signal_wakeup(sup.wake_fd)
+                pid = os.getpid()
+                state = DaemonState(name, inst.id, pid, proc.process_start(pid), n, time.time())
+                state_path = _write_state(root, state)
+                log.info("[PID %d] astrad %r ready: %d workers", pid, name, n)
+                if notifier is not None:
+                    notifier.ready(status=f"{n} workers, instance {inst.id}")
+                return sup.run()
+            finally:
+                if state_path:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(state_path)
+                arena.close()
+                control.close()
+    finally:
+        os.close(lock_fd)

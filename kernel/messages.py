@@ -1,0 +1,144 @@
+"""The kernel's wire envelopes (tags 200 and up) and the decoder for every frame it reads.
+
+The kernel reuses ``ipc.messages.TaskDone`` (tag 3) for results and adds what ``ipc`` does
+not know about: which client a task belongs to, cancellation by client, a worker's stop
+order, and the supervisor's notice that a worker was lost. All are frozen, tagged,
+``array_like`` msgspec Structs, sorted by OTP kind (STYLE.md 3). Tag numbers are never
+reused. They hold only scalars and bytes, so they are ``gc=False``: a stream of tasks costs
+the cyclic garbage collector nothing.
+
+- *Calls*: ``RunTask`` (client -> worker), answered by ``TaskDone`` or ``TaskError``
+  (worker -> client).
+- *Casts*: ``CancelRun`` (client -> worker), ``StopWorker`` (supervisor -> worker),
+  ``Wake`` (a client to its own receiver thread).
+- *Info*: ``WorkerLost`` (supervisor -> every client).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KERNEL_TAGS",
+    "CancelRun",
+    "ErrorKind",
+    "KernelMessage",
+    "RunTask",
+    "StopWorker",
+    "TaskDone",
+    "TaskError",
+    "Wake",
+    "WorkerLost",
+    "decode_frames",
+    "encode",
+]
+
+from enum import IntEnum
+from typing import Final
+
+import msgspec
+
+from ipc import ArrayRef, CodecError
+from ipc.messages import TaskDone
+
+# ---- Calls ----
+
+
+class RunTask(msgspec.Struct, frozen=True, tag=200, array_like=True, gc=False):
+    """Call: run a task on this worker. Answered by ``TaskDone`` or ``TaskError``."""
+
+    client: int  #: the submitting client's slot in the control block
+    client_gen: int  #: the slot's claim generation; a mismatch means the client is gone
+    task_id: int  #: unique per client; echoed in the reply
+    fn_key: bytes  #: content hash of the pickled function (the worker caches by it)
+    fn: bytes | None  #: the pickled function, or None if this worker already has fn_key
+    args: bytes  #: pickled (args, kwargs)
+    priority: int = 0  #: higher runs first among this worker's ready tasks
+    timeout_s: float = 0.0  #: wall-clock limit for one run; 0 means none
+
+
+class TaskError(msgspec.Struct, frozen=True, tag=204, array_like=True, gc=False):
+    """Reply: the task did not produce a result. ``kind`` says why (``ErrorKind``)."""
+
+    task_id: int  #: the failed task
+    kind: int  #: an ``ErrorKind`` value
+    error: bytes  #: the pickled exception (RAISED), or b"" when it could not be pickled
+    traceback: str  #: the formatted remote traceback
+    message: str  #: ``"Type: text"`` of the exception, kept even if unpickling fails
+
+
+class ErrorKind(IntEnum):
+    RAISED = 0  # the task raised; ``error`` holds the exception
+    TIMEOUT = 1  # the task ran past its timeout_s
+    SERIALIZATION = 2  # the function, its arguments or its result would not (un)pickle
+    UNKNOWN_FUNCTION = 3  # fn was None and the worker does not know fn_key: resend with fn
+
+
+# ---- Casts ----
+
+
+class CancelRun(msgspec.Struct, frozen=True, tag=201, array_like=True, gc=False):
+    """Cast: drop a queued task, or cancel a running ``async def`` task; no reply."""
+
+    client: int  #: the client's slot
+    task_id: int  #: the task to cancel
+
+
+class StopWorker(msgspec.Struct, frozen=True, tag=202, array_like=True, gc=False):
+    """Cast: the supervisor tells a worker to exit, after finishing its queue if ``drain``."""
+
+    drain: bool  #: finish queued and running tasks first
+
+
+class Wake(msgspec.Struct, frozen=True, tag=205, array_like=True, gc=False):
+    """Cast: a client wakes its own receiver thread (to stop it); no payload."""
+
+
+# ---- Info ----
+
+
+class WorkerLost(msgspec.Struct, frozen=True, tag=203, array_like=True, gc=False):
+    """Info: the supervisor saw worker ``worker`` exit and (if ``generation`` > 0) started
+    its replacement, reading ring ``to_w<NN>.<generation>``."""
+
+    worker: int  #: the worker's index
+    pid: int  #: the pid that exited
+    exitcode: int  #: exit status, or minus the signal number that killed it
+    generation: int  #: the replacement's generation; 0 if the worker was not restarted
+    running_task: int  #: this client's task the worker was running, or -1
+
+
+KernelMessage = RunTask | TaskDone | TaskError | CancelRun | StopWorker | Wake | WorkerLost
+
+#: Tag number -> envelope type, for the kernel's own messages (``ipc`` owns 1-199).
+KERNEL_TAGS: Final[dict[int, type[KernelMessage]]] = {
+    200: RunTask,
+    201: CancelRun,
+    202: StopWorker,
+    203: WorkerLost,
+    204: TaskError,
+    205: Wake,
+}
+for _tag, _cls in KERNEL_TAGS.items():
+    assert _cls.__struct_config__.tag == _tag, (_cls, _tag)
+
+_encoder: Final = msgspec.msgpack.Encoder()
+_decoder: Final = msgspec.msgpack.Decoder(KernelMessage)
+_ = ArrayRef  # carried inside TaskDone
+
+
+def encode(msg: KernelMessage) -> bytes:
+    """Encode one kernel envelope."""
+    return _encoder.encode(msg)
+
+
+def decode_frames(frames: list[bytes]) -> list[KernelMessage | CodecError]:
+    """Decode a ``recv_many`` batch; a bad frame yields a ``CodecError`` in its place, so the
+    reader logs it and goes on (Principle 5)."""
+    out: list[KernelMessage | CodecError] = []
+    for frame in frames:
+        try:
+            out.append(_decoder.decode(frame))
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            err = CodecError(f"undecodable frame ({len(frame)} B): {exc}")
+            err.__cause__ = exc
+            out.append(err)
+    return out

@@ -1,0 +1,442 @@
+"""The supervisor: forks one worker per core, restarts them OTP-style, and stops them.
+
+The supervisor is always a process of its own whose main thread runs ``Supervisor.run``:
+
+- under ``astrad`` it is the daemon itself (``kernel.daemon``);
+- under an embedded ``astra.Kernel`` the embedding process forks it (``fork_supervisor``)
+  and stays a plain client. The embedding process owns the instance (so leaving the ``with``
+  block, or its death followed by the next start's ``cleanup_stale``, removes every segment),
+  but it never forks workers from its own, possibly multi-threaded, address space after
+  start-up, and never runs supervision code on a user thread. Both modes run the same code.
+
+    client(s) ==RunTask==> to_wNN.<gen> ==> astra-wNN ==TaskDone==> to_c<slot> ==> client
+                                ^                                      ^
+    supervisor --StopWorker-----'      supervisor --WorkerLost---------'
+        |  pidfd per worker (poll): exits are seen at once, without SIGCHLD or polling
+        '-- wake fd: signals (set_wakeup_fd) wake the same poll
+
+Protocols:
+
+1. *Start.* Stale instances (dead owners) are removed by whoever creates the instance. For
+   each worker the supervisor creates its inbox ring ``to_wNN.<gen>`` (lanes: one per client
+   slot plus its own), forks, records pid/generation/core in the control block, and keeps a
+   pidfd. Then the state becomes ``RUNNING`` and the ``ready`` semaphore is posted.
+2. *Restart (one_for_one).* A pidfd becomes readable: the supervisor reaps the worker, reads
+   which (client, task) it was running from the control block (final: the writer is dead),
+   removes the dead ring, forks a replacement reading a *new* ring (a ring whose reader died
+   is closed for good), and sends ``WorkerLost`` to every client, which re-sends that
+   worker's tasks (the running one counts against its ``retries``). More than
+   ``max_restarts`` restarts within ``within_s`` means something is systematically wrong:
+   the supervisor stops everything and exits with ``EXIT_RESTART_INTENSITY``.
+3. *Clients.* Every ``TICK_S`` the supervisor frees the control-block slots of dead clients
+   and removes their instances' segments; workers drop the queued tasks of freed slots.
+4. *Stop.* SIGTERM or SIGINT: state ``DRAINING`` (clients refuse new tasks), then
+   ``StopWorker(drain=True)`` to each worker in reverse start order; workers finish what is
+   queued and exit. Whoever is still alive after ``shutdown_timeout_s`` gets SIGKILL. A
+   worker dies with its supervisor (``PR_SET_PDEATHSIG``), so a SIGKILLed supervisor leaves
+   no process behind, only segments, which the next start removes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_RESTART_INTENSITY",
+    "RestartPolicy",
+    "Supervisor",
+    "fork_supervisor",
+    "worker_ring",
+]
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import select
+import signal
+import time
+from typing import TYPE_CHECKING, Final
+
+import posix_ipc
+
+from ipc import (
+    Arena,
+    Instance,
+    IPCError,
+    RingClosedError,
+    RingFull,
+    RingWriter,
+    cleanup_stale,
+    open_ring,
+)
+
+from . import proc
+from .control import KernelState
+from .messages import StopWorker, WorkerLost, encode
+from .worker import Worker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ipc import RingReader
+
+    from .control import ControlBlock
+    from .notify import Notifier
+
+#: Exit codes of a supervisor process (sysexits.h values where one fits).
+EXIT_OK: Final = 0
+EXIT_RESTART_INTENSITY: Final = 70  # EX_SOFTWARE: workers kept dying; everything stopped
+#: How often the supervisor wakes, when nothing happens, to reclaim dead clients' slots.
+TICK_S: Final = float(os.getenv("ASTRA_SUPERVISOR_TICK_S", "1.0"))
+#: Slots and bytes per slot of each lane of a worker's inbox ring.
+INBOX_SLOTS: Final = int(os.getenv("ASTRA_INBOX_SLOTS", "64"))
+INBOX_SLOT_BYTES: Final = int(os.getenv("ASTRA_INBOX_SLOT_BYTES", str(16 * 1024)))
+#: How long the supervisor waits to hand a client a ``WorkerLost`` notice (a client that
+#: misses one still notices the new generation in the control block).
+NOTIFY_TIMEOUT_S: Final = 0.5
+
+log = logging.getLogger("astra.supervisor")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """OTP restart intensity: more than ``max_restarts`` within ``within_s`` seconds and the
+    supervisor gives up (STYLE.md 6). The strategy is one_for_one."""
+
+    max_restarts: int = 10
+    within_s: float = 5.0
+    shutdown_timeout_s: float = 5.0
+
+
+def worker_ring(index: int, generation: int) -> str:
+    """Name of the inbox ring of worker ``index``'s ``generation``-th process."""
+    return f"to_w{index:02d}.{generation}"
+
+
+def _unlink_ring(instance: Instance, name: str, lanes: int) -> None:
+    # XX: ipc could offer unlink_ring(); the names below follow ipc/ring.py's _RingMap.
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_shared_memory(instance.name(name))
+    sems = [f"{name}.i{k}" for k in range(lanes)] + [f"{name}.s{k}" for k in range(lanes)]
+    for obj in (*sems, f"{name}.bell", f"{name}.free"):
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_semaphore(instance.name(obj))
+
+
+@dataclasses.dataclass
+class _Child:
+    """The supervisor's record of one worker slot (one OTP child)."""
+
+    index: int
+    generation: int = 0
+    pid: int = 0
+    pidfd: int = -1
+    core: int | None = None
+    writer: RingWriter | None = None  # the supervisor's lane into the worker's inbox
+
+
+class Supervisor:
+    """Forks, watches, restarts and stops the workers of one instance. Runs in its own
+    process (see the module docstring); every method is for that process's main thread."""
+
+    def __init__(
+        self,
+        instance: Instance,
+        control: ControlBlock,
+        arena: Arena | None,
+        policy: RestartPolicy | None = None,
+        *,
+        pin: bool = True,
+        notifier: Notifier | None = None,
+        on_reload: Callable[[], None] | None = None,
+    ) -> None:
+        self._notifier = notifier
+        self._on_reload = on_reload  # SIGHUP (install_signal_wakeup routes it here)
+        self._instance = instance
+        self._control = control
+        self._arena = arena
+        self._policy = policy or RestartPolicy()
+        self._pin = pin
+        self._lanes = control.max_clients + 1
+        self._children = [_Child(i) for i in range(control.workers)]
+        self._restarts: collections.deque[float] = collections.deque()
+        self._client_writers: dict[int, tuple[int, RingWriter]] = {}
+        self._wake_r, self._wake_w = -1, -1
+        self._stopping = False
+        self.exit_code = EXIT_OK
+
+    # ---- Start (protocol step 1) ----
+
+    def start(self) -> None:
+        """Fork every worker, then publish ``RUNNING``."""
+        pid = os.getpid()
+        start = proc.process_start(pid)
+        self._control.set_supervisor(pid, start)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for child in self._children:
+            self._spawn(child)
+        self._control.set_state(KernelState.RUNNING)
+
+    def _spawn(self, child: _Child) -> None:
+        child.generation += 1
+        name = worker_ring(child.index, child.generation)
+        writer, reader = open_ring(
+            self._instance, name, lanes=self._lanes, slots=INBOX_SLOTS, slot_bytes=INBOX_SLOT_BYTES
+        )
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the worker process; it never returns
+            self._worker_main(child.index, reader, parent)
+        reader.close()  # only unmaps: this process never read it
+        child.pid, child.writer = pid, writer
+        child.pidfd = os.pidfd_open(pid)
+        child.core = None
+        if self._pin and (core := _core_for(child.index)) is not None:
+            with contextlib.suppress(OSError):  # the child pins itself too; this makes
+                os.sched_setaffinity(pid, {core})  # it hold from the moment we report ready
+                child.core = core
+        self._control.set_worker(child.index, pid, child.generation, child.core)
+
+    def _worker_main(self, index: int, reader: RingReader, parent: int) -> None:
+        code = 1
+        try:
+            private = [self._wake_r, self._wake_w] + [c.pidfd for c in self._children]
+            proc.after_fork_in_child(
+                f"astra-w{index:02d}",
+                parent_pid=parent,
+                death_signal=signal.SIGKILL,
+                close_fds=[fd for fd in private if fd >= 0],
+            )
+            if self._pin:
+                proc.pin(index)
+            worker = Worker(index, self._instance, self._control, reader, self._arena)
+            code = worker.run()
+        except BaseException:
+            log.exception("[PID %d] worker w%02d crashed", os.getpid(), index)
+        finally:
+            os._exit(code)
+
+    # ---- The loop ----
+
+    def run(self) -> int:
+        """Supervise until stopped (a signal on the wake fd, or give-up); then stop every
+        worker and return the exit code. SIGTERM/SIGINT handlers must write to ``wake_fd``
+        (``install_signal_wakeup`` does)."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        by_fd: dict[int, _Child] = {}
+        for child in self._children:
+            poller.register(child.pidfd, select.POLLIN)
+            by_fd[child.pidfd] = child
+        watchdog_s = self._notifier.watchdog_interval_s if self._notifier else None
+        tick_s = min(TICK_S, watchdog_s) if watchdog_s else TICK_S
+        next_ping = time.monotonic()
+        while not self._stopping:
+            if watchdog_s and time.monotonic() >= next_ping:
+                # From this loop, so a wedged supervisor stops pinging (kernel/notify.py).
+                assert self._notifier is not None
+                self._notifier.watchdog()
+                next_ping = time.monotonic() + watchdog_s
+            events = poller.poll(tick_s * 1000)
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    self._on_wake()
+                    continue
+                child = by_fd.pop(fd)
+                poller.unregister(fd)
+                self._on_exit(child)
+                if child.pidfd >= 0:
+                    poller.register(child.pidfd, select.POLLIN)
+                    by_fd[child.pidfd] = child
+            if not events:
+                self._reclaim_clients()
+        if self._notifier is not None:
+            self._notifier.stopping(status="draining workers")
+        self._shutdown()
+        return self.exit_code
+
+    @property
+    def wake_fd(self) -> int:
+        """The write end of the wake pipe (for ``signal.set_wakeup_fd``)."""
+        return self._wake_w
+
+    def _on_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            data = os.read(self._wake_r, 64)
+            if any(sig in (signal.SIGTERM, signal.SIGINT) for sig in data):
+                log.info("[PID %d] supervisor: stop requested", os.getpid())
+                self._stopping = True
+            elif signal.SIGHUP in data and self._on_reload is not None:
+                try:
+                    self._on_reload()
+                except Exception:  # a bad reload keeps the running configuration
+                    log.exception("[PID %d] reload failed; configuration unchanged", os.getpid())
+
+    # ---- Restart: a worker has exited (protocol step 2) ----
+
+    def _on_exit(self, child: _Child) -> None:
+        _, status = os.waitpid(child.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os.close(child.pidfd)
+        child.pidfd = -1
+        running_client, running_task = self._control.running(child.index)
+        self._retire_ring(child)
+        now = time.monotonic()
+        self._restarts.append(now)
+        while self._restarts and now - self._restarts[0] > self._policy.within_s:
+            self._restarts.popleft()
+        restarts = f"{len(self._restarts)}/{self._policy.max_restarts}"
+        log.warning(
+            "[PID %d] child_exited id=w%02d pid=%d reason=%s restarts=%s",
+            os.getpid(), child.index, child.pid, _reason(code), restarts,
+        )  # fmt: skip
+        if len(self._restarts) > self._policy.max_restarts:
+            log.error("[PID %d] restart intensity exceeded: stopping", os.getpid())
+            self.exit_code = EXIT_RESTART_INTENSITY
+            self._stopping = True
+            return
+        old_pid = child.pid
+        self._spawn(child)
+        self._control.add_restart(child.index)
+        self._notify_lost(child, old_pid, code, running_client, running_task)
+
+    def _retire_ring(self, child: _Child) -> None:
+        if child.writer is not None:
+            with contextlib.suppress(IPCError, OSError):
+                child.writer.close()
+            child.writer = None
+        _unlink_ring(self._instance, worker_ring(child.index, child.generation), self._lanes)
+
+    def _notify_lost(
+        self, child: _Child, pid: int, code: int, running_client: int, running_task: int
+    ) -> None:
+        for row in self._control.clients():
+            writer = self._client_writer(row.slot, row.generation, row.instance_id)
+            if writer is None:
+                continue
+            task = running_task if row.slot == running_client else -1
+            msg = WorkerLost(child.index, pid, code, child.generation, task)
+            try:
+                writer.send(encode(msg), timeout=NOTIFY_TIMEOUT_S)
+            except (RingFull, RingClosedError, OSError):
+                self._drop_client_writer(row.slot)
+
+    def _client_writer(self, slot: int, generation: int, instance_id: str) -> RingWriter | None:
+        cached = self._client_writers.get(slot)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        self._drop_client_writer(slot)
+        try:
+            inst = (
+                self._instance if instance_id == self._instance.id else Instance.attach(instance_id)
+            )
+            writer = RingWriter.attach(inst, f"to_c{slot}")
+        except (IPCError, OSError):
+            return None
+        self._client_writers[slot] = (generation, writer)
+        return writer
+
+    def _drop_client_writer(self, slot: int) -> None:
+        cached = self._client_writers.pop(slot, None)
+        if cached is not None:
+            with contextlib.suppress(IPCError, OSError):
+                cached[1].close()
+
+    # ---- Clients (protocol step 3) ----
+
+    def _reclaim_clients(self) -> None:
+        for row in self._control.clients():
+            if proc.process_alive(row.pid, row.start):
+                continue
+            if self._control.unregister(row.slot, row.generation):
+                log.warning(
+                    "[PID %d] client_exited slot=%d pid=%d reason=died",
+                    os.getpid(), row.slot, row.pid,
+                )  # fmt: skip
+                self._drop_client_writer(row.slot)
+                if row.instance_id != self._instance.id:
+                    cleanup_stale(row.instance_id.partition("@")[2] or None)
+
+    # ---- Stop (protocol step 4) ----
+
+    def _shutdown(self) -> None:
+        self._control.set_state(KernelState.DRAINING)
+        deadline = time.monotonic() + self._policy.shutdown_timeout_s
+        live = [c for c in reversed(self._children) if c.pidfd >= 0]
+        for child in live:
+            try:
+                assert child.writer is not None
+                child.writer.send(encode(StopWorker(drain=True)), timeout=1.0)
+            except (IPCError, OSError):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+        for child in live:
+            left = max(0.0, deadline - time.monotonic())
+            if not select.select([child.pidfd], [], [], left)[0]:
+                log.warning("[PID %d] w%02d ignored stop: SIGKILL", os.getpid(), child.index)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+            os.close(child.pidfd)
+            child.pidfd = -1
+            self._retire_ring(child)
+        for slot in list(self._client_writers):
+            self._drop_client_writer(slot)
+        self._control.set_state(KernelState.STOPPED)
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+
+def _reason(code: int) -> str:
+    if code < 0:
+        return signal.Signals(-code).name
+    return f"exit({code})"
+
+
+def _core_for(index: int) -> int | None:
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    return allowed[index % len(allowed)]
+
+
+def install_signal_wakeup(wake_fd: int) -> None:
+    """Route SIGTERM, SIGINT and SIGHUP to the supervisor's poll (main thread only)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+
+
+def fork_supervisor(
+    instance: Instance,
+    control: ControlBlock,
+    arena: Arena | None,
+    ready: posix_ipc.Semaphore,
+    policy: RestartPolicy | None = None,
+    *,
+    pin: bool = True,
+    child_hook: Callable[[], None] | None = None,
+) -> int:
+    """Fork the supervisor of an embedded kernel; returns its pid. The child starts the
+    workers, posts ``ready``, supervises until SIGTERM (or until the embedding thread dies:
+    ``PR_SET_PDEATHSIG``), stops the workers and exits. It never returns into the caller."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1  # pragma: no cover - the supervisor process
+    try:
+        proc.after_fork_in_child("astra-sup", parent_pid=parent, death_signal=signal.SIGTERM)
+        if child_hook is not None:
+            child_hook()
+        sup = Supervisor(instance, control, arena, policy, pin=pin)
+        sup.start()
+        install_signal_wakeup(sup.wake_fd)
+        ready.release()
+        code = sup.run()
+    except BaseException:
+        log.exception("[PID %d] supervisor crashed", os.getpid())
+    finally:
+        os._exit(code)

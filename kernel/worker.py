@@ -1,0 +1,479 @@
+"""A worker process (``astra-wNN``): reads its inbox ring, runs tasks, replies to clients.
+
+Data flow (each arrow a shared-memory ring; the worker reads one, writes one per client):
+
+    client c0 --lane--.                                 .--> to_c0 (client c0's inbox)
+    client c1 --lane---+--> to_wNN.<gen> --> worker ----+--> to_c1
+    supervisor -lane--'      (inbox)          |  heap   '
+                                              '--> asyncio loop thread (async def tasks)
+
+Protocol:
+
+1. *Receive.* The main thread blocks on the inbox (a semaphore wait: an idle worker burns no
+   CPU) and moves ``RunTask``s into a heap ordered by (priority, arrival). While the heap is
+   not empty it polls the inbox without blocking at most once a millisecond, so a
+   higher-priority task overtakes queued ones within about a millisecond.
+2. *Run.* Before a task runs, the worker checks that its client still holds the slot it
+   submitted from (one word of the control block; the supervisor frees the slots of dead
+   clients) and publishes (client, task) in its control row, so that the supervisor can say
+   which task was running if the worker dies. A ``timeout_s`` arms ``ITIMER_REAL``; the
+   handler raises ``TaskTimeout`` in the task. ``async def`` tasks go to an asyncio loop on a
+   second thread, so a task awaiting I/O never blocks the others.
+3. *Reply.* Results are batched per client and flushed when the heap empties, every 64
+   results, or every millisecond. A numpy result of ``ARENA_THRESHOLD_BYTES`` or more goes
+   into the arena: the worker hands a hold to the client's pid before sending the
+   descriptor, then drops its own (ipc/arena.py protocol), so the client gets a zero-copy view.
+4. *Stop.* ``StopWorker(drain=True)`` finishes the heap, the inbox and running async tasks
+   first; ``drain=False`` exits after the current task. A dead supervisor kills the worker
+   (``PR_SET_PDEATHSIG``); a dead client's ring raises ``RingClosedError`` and its results
+   are dropped.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ARENA_THRESHOLD_BYTES", "Worker", "cancel_requested"]
+
+import asyncio
+import contextlib
+import heapq
+import inspect
+import logging
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Final, cast
+
+import numpy as np
+
+from ipc import (
+    CodecError,
+    FrameTooLargeError,
+    Instance,
+    IPCError,
+    RingClosedError,
+    RingEmpty,
+    RingWriter,
+)
+
+from .errors import TaskTimeout
+from .messages import (
+    CancelRun,
+    ErrorKind,
+    RunTask,
+    StopWorker,
+    TaskDone,
+    TaskError,
+    decode_frames,
+    encode,
+)
+from .shipping import ShippingError, TaskFunction, dumps, load_function, loads, pack_exception
+
+if TYPE_CHECKING:
+    import concurrent.futures
+    from collections.abc import Coroutine
+
+    from ipc import Arena, RingReader
+
+    from .control import ControlBlock
+
+
+#: Results at least this large (numpy arrays) travel through the arena, not the ring.
+ARENA_THRESHOLD_BYTES: Final = int(os.getenv("ASTRA_ARENA_THRESHOLD_BYTES", str(1 << 20)))
+#: Longest a task waits in the heap before the worker polls its inbox again.
+POLL_INTERVAL_S: Final = float(os.getenv("ASTRA_WORKER_POLL_INTERVAL_S", "0.001"))
+#: Results buffered per flush at most.
+FLUSH_EVERY: Final = 64
+#: Largest reply frame; a bigger result fails with a serialization error (use numpy arrays,
+#: which go through the arena).
+MAX_REPLY_BYTES: Final = 48 << 20
+
+_Key = tuple[int, int]  # (client slot, task id)
+
+# The plain (not async) task this process is running: (control, client, worker, task id).
+_current: tuple[ControlBlock, int, int, int] | None = None
+
+
+def cancel_requested() -> bool:
+    """Inside a running task: whether its client cancelled it. A plain function cannot be
+    interrupted safely, so a long one polls this and returns early (cooperative
+    cancellation); an ``async def`` task is cancelled outright. False outside a task."""
+    current = _current
+    if current is None:
+        return False
+    control, client, index, task_id = current
+    return control.cancel_requested(client, index, task_id)
+
+
+class _Link:
+    """A worker's writer into one client's inbox ring."""
+
+    def __init__(self, generation: int, pid: int, writer: RingWriter) -> None:
+        self.generation = generation
+        self.pid = pid
+        self.writer = writer
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, IPCError):  # the client's segments may be gone
+            self.writer.close()
+
+
+class Worker:
+    """The main loop of one worker process. Built and run in the forked child only."""
+
+    def __init__(
+        self,
+        index: int,
+        instance: Instance,
+        control: ControlBlock,
+        inbox: RingReader,
+        arena: Arena | None,
+    ) -> None:
+        self.index = index
+        self._log = logging.getLogger(f"astra.worker.w{index:02d}")
+        self._instance = instance
+        self._control = control
+        self._inbox = inbox
+        self._arena = arena
+        self._fns: dict[bytes, TaskFunction] = {}
+        self._fn_bytes: dict[bytes, bytes] = {}  # shipped, not yet unpickled
+        self._heap: list[tuple[int, int, RunTask]] = []
+        self._seq = 0
+        self._queued: set[_Key] = set()  # the tasks in the heap
+        self._cancelled: set[_Key] = set()  # subset of _queued: drop when popped
+        self._is_async: dict[bytes, bool] = {}  # fn key -> is an async def
+        self._links: dict[int, _Link] = {}
+        self._links_lock = threading.Lock()  # the loop thread sends too
+        self._retired: list[_Link] = []  # links to departed clients, to close when safe
+        # (client slot, generation) -> reply frames; main thread only
+        self._out: dict[tuple[int, int], list[bytes]] = {}
+        self._out_n = 0
+        self._last_flush = time.monotonic()
+        self._last_poll = 0.0
+        self._draining = False
+        self._stop_now = False
+        self._timing = False  # a sync task with a timeout is running
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._async: dict[_Key, concurrent.futures.Future[None]] = {}
+        self._count_lock = threading.Lock()
+
+    # ---- Main loop (protocol steps 1 and 4) ----
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        try:
+            while not self._stop_now:
+                frames = self._next_frames()
+                if frames is None:
+                    break
+                self._handle(frames)
+                if self._heap and not self._stop_now:
+                    self._run_one()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _next_frames(self) -> list[bytes] | None:
+        """Frames to handle now; [] if none are ready and tasks wait; None to exit."""
+        now = time.monotonic()
+        if self._heap:
+            if now - self._last_poll < POLL_INTERVAL_S:
+                return []
+            self._last_poll = now
+            return self._recv(timeout=0.0)
+        self._flush()
+        self._close_retired()
+        if self._draining:
+            frames = self._recv(timeout=0.0)
+            if frames is None or frames:
+                return frames
+            self._wait_async()
+            return None
+        return self._recv(timeout=None)
+
+    def _recv(self, timeout: float | None) -> list[bytes] | None:
+        try:
+            return self._inbox.recv_many(1024, timeout=timeout)
+        except RingEmpty:
+            return []
+        except RingClosedError:
+            return None
+
+    def _handle(self, frames: list[bytes]) -> None:
+        for msg in decode_frames(frames):
+            if isinstance(msg, RunTask):
+                if msg.fn is not None and msg.fn_key not in self._fns:
+                    # Learn the function on arrival: a task queued ahead may need it.
+                    self._fn_bytes[msg.fn_key] = msg.fn
+                self._seq += 1
+                heapq.heappush(self._heap, (-msg.priority, self._seq, msg))
+                self._queued.add((msg.client, msg.task_id))
+            elif isinstance(msg, CancelRun):
+                self._cancel((msg.client, msg.task_id))
+            elif isinstance(msg, StopWorker):
+                self._draining = True
+                self._stop_now |= not msg.drain
+            elif isinstance(msg, CodecError):
+                self._log.error("[PID %d] dropped a bad frame: %s", os.getpid(), msg)
+            else:
+                self._log.error("[PID %d] unexpected message %r", os.getpid(), msg)
+
+    def _cancel(self, key: _Key) -> None:
+        cfut = self._async.get(key)
+        if cfut is not None:
+            cfut.cancel()  # thread-safe: cancels the asyncio task on the loop thread
+        elif key in self._queued:
+            self._cancelled.add(key)
+        # else it ran already (or its RunTask is still on the way): the client drops the
+        # result of a cancelled future
+
+    # ---- Running one task (protocol step 2) ----
+
+    def _run_one(self) -> None:
+        _, _, msg = heapq.heappop(self._heap)
+        key = (msg.client, msg.task_id)
+        self._queued.discard(key)
+        if key in self._cancelled:
+            self._cancelled.discard(key)
+            return
+        if not self._control.slot_current(msg.client, msg.client_gen):
+            return  # the client left or died: nobody wants the result
+        prepared = self._prepare(msg)
+        if isinstance(prepared, TaskError):
+            self._queue_reply(msg, prepared)
+            return
+        fn, args, kwargs = prepared
+        is_async = self._is_async.get(msg.fn_key)
+        if is_async is None:
+            is_async = self._is_async[msg.fn_key] = inspect.iscoroutinefunction(fn)
+        if is_async:
+            self._start_async(msg, fn, args, kwargs)
+            return
+        self._queue_reply(msg, self._call(msg, fn, args, kwargs))
+
+    def _prepare(
+        self, msg: RunTask
+    ) -> TaskError | tuple[TaskFunction, tuple[object, ...], dict[str, object]]:
+        fn = self._fns.get(msg.fn_key)
+        try:
+            if fn is None:
+                data = self._fn_bytes.pop(msg.fn_key, None)
+                if data is None:
+                    return TaskError(msg.task_id, ErrorKind.UNKNOWN_FUNCTION, b"", "", "")
+                fn = self._fns[msg.fn_key] = load_function(data)
+            payload = loads(msg.args)  # (args, kwargs), by the client's contract
+            args, kwargs = cast("tuple[tuple[object, ...], dict[str, object]]", payload)
+        except ShippingError as exc:
+            return self._error(msg, ErrorKind.SERIALIZATION, exc)
+        return fn, args, kwargs
+
+    def _call(
+        self,
+        msg: RunTask,
+        fn: TaskFunction,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> TaskDone | TaskError:
+        global _current
+        _current = (self._control, msg.client, self.index, msg.task_id)
+        self._control.set_running(self.index, msg.client, msg.task_id)
+        try:
+            if msg.timeout_s > 0:
+                self._timing = True
+                signal.setitimer(signal.ITIMER_REAL, msg.timeout_s)
+            result = fn(*args, **kwargs)
+            self._timing = False
+        except TaskTimeout as exc:
+            return self._error(msg, ErrorKind.TIMEOUT, exc)
+        except BaseException as exc:  # a task's failure is its future's, never the worker's
+            self._timing = False
+            return self._error(msg, ErrorKind.RAISED, exc)
+        finally:
+            if msg.timeout_s > 0:
+                self._timing = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            self._control.set_running(self.index, -1, 0)
+            _current = None
+        return self._done(msg, result)
+
+    def _on_alarm(self, signum: int, frame: object) -> None:
+        if self._timing:
+            self._timing = False
+            raise TaskTimeout("task timed out")
+
+    def _error(self, msg: RunTask, kind: ErrorKind, exc: BaseException) -> TaskError:
+        data, tb, text = pack_exception(exc)
+        return TaskError(msg.task_id, kind, data, tb, text)
+
+    def _done(self, msg: RunTask, result: object) -> TaskDone | TaskError:
+        arena = self._arena
+        if (
+            arena is not None
+            and isinstance(result, np.ndarray)
+            and result.nbytes >= ARENA_THRESHOLD_BYTES
+        ):
+            link = self._link(msg.client, msg.client_gen)
+            if link is None:
+                return TaskDone(msg.task_id, None)  # the client is gone; nobody reads it
+            try:
+                ref = arena.put(result)
+                arena.hand_to(ref, link.pid)  # the client's hold, before it sees the ref
+                arena.release(ref)
+            except (IPCError, ProcessLookupError) as exc:
+                return self._error(msg, ErrorKind.SERIALIZATION, exc)
+            return TaskDone(msg.task_id, None, ref)
+        try:
+            data = dumps(result)
+        except ShippingError as exc:
+            return self._error(msg, ErrorKind.SERIALIZATION, exc)
+        if len(data) > MAX_REPLY_BYTES:
+            err = ShippingError(f"result of {len(data)} B is too large to send inline")
+            return self._error(msg, ErrorKind.SERIALIZATION, err)
+        return TaskDone(msg.task_id, data)
+
+    # ---- Async tasks: an asyncio loop on a second thread ----
+
+    def _start_async(
+        self,
+        msg: RunTask,
+        fn: TaskFunction,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> None:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(
+                target=self._loop.run_forever, name="astra-loop", daemon=True
+            )
+            self._loop_thread.start()
+        key = (msg.client, msg.task_id)
+        coro = self._run_async(msg, fn, args, kwargs)
+        self._async[key] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    async def _run_async(
+        self,
+        msg: RunTask,
+        fn: TaskFunction,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> None:
+        key = (msg.client, msg.task_id)
+        reply: TaskDone | TaskError | None = None
+        scope: asyncio.Timeout | None = None
+        try:
+            coro: Coroutine[object, object, object] = fn(*args, **kwargs)  # type: ignore[assignment]
+            async with asyncio.timeout(msg.timeout_s or None) as scope:
+                result = await coro
+            reply = self._done(msg, result)
+        except asyncio.CancelledError:
+            reply = None  # the client cancelled: it expects no reply
+        except TimeoutError as exc:
+            expired = scope is not None and scope.expired()
+            kind = ErrorKind.TIMEOUT if expired else ErrorKind.RAISED
+            reply = self._error(msg, kind, exc)
+        except BaseException as exc:  # the task's failure is its future's
+            reply = self._error(msg, ErrorKind.RAISED, exc)
+        finally:
+            self._async.pop(key, None)
+        if reply is not None:
+            self._send(msg.client, msg.client_gen, [encode(reply)])
+            self._count(1)
+
+    def _wait_async(self) -> None:
+        import concurrent.futures
+
+        pending = list(self._async.values())
+        if pending:
+            concurrent.futures.wait(pending)
+
+    # ---- Replies (protocol step 3) ----
+
+    def _queue_reply(self, msg: RunTask, reply: TaskDone | TaskError) -> None:
+        slot = (msg.client, msg.client_gen)  # a re-claimed slot is another client
+        out = self._out.get(slot)
+        if out is None:
+            out = self._out[slot] = []
+        out.append(encode(reply))
+        self._out_n += 1
+        now = time.monotonic()
+        if not self._heap or self._out_n >= FLUSH_EVERY or now - self._last_flush > POLL_INTERVAL_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._out_n:
+            for (client, generation), frames in self._out.items():
+                self._send(client, generation, frames)
+            self._count(self._out_n)
+            self._out.clear()
+            self._out_n = 0
+        self._last_flush = time.monotonic()
+
+    def _count(self, n: int) -> None:
+        with self._count_lock:
+            self._control.count_done(self.index, n, len(self._heap))
+
+    def _send(self, client: int, generation: int, frames: list[bytes]) -> None:
+        link = self._link(client, generation)
+        if link is None:
+            return
+        try:
+            link.writer.send_many(frames)
+        except RingClosedError:  # the client closed or died: its results have no reader
+            self._drop_link(client)
+        except FrameTooLargeError:  # pragma: no cover - _done bounds every reply
+            self._log.exception("[PID %d] reply too large for c%d", os.getpid(), client)
+
+    def _link(self, client: int, generation: int) -> _Link | None:
+        with self._links_lock:
+            link = self._links.get(client)
+            if link is not None and link.generation == generation:
+                return link
+            if link is not None:
+                self._retired.append(self._links.pop(client))
+            row = self._control.client(client)
+            if row is None or row.generation != generation:
+                return None
+            try:
+                inst = (
+                    self._instance
+                    if row.instance_id == self._instance.id
+                    else Instance.attach(row.instance_id)
+                )
+                writer = RingWriter.attach(inst, f"to_c{client}")
+            except (IPCError, OSError):
+                return None  # the client is leaving; its slot will be freed
+            link = self._links[client] = _Link(generation, row.pid, writer)
+            return link
+
+    def _drop_link(self, client: int) -> None:
+        with self._links_lock:
+            link = self._links.pop(client, None)
+            if link is not None:
+                self._retired.append(link)
+
+    def _close_retired(self) -> None:
+        """Unmap the rings of departed clients (their pages stay allocated while mapped).
+        Main thread, with no async task running: the loop thread may be mid-send."""
+        if self._retired and not self._async:
+            with self._links_lock:
+                retired, self._retired = self._retired, []
+            for link in retired:
+                link.close()
+
+    def _shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self._flush()
+        if self._loop is not None:
+            for cfut in list(self._async.values()):
+                cfut.cancel()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(timeout=1.0)
+        with self._links_lock:
+            for link in (*self._links.values(), *self._retired):
+                link.close()
+            self._links.clear()
+            self._retired.clear()
+        self._inbox.close()

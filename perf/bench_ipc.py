@@ -712,8 +712,6 @@ _TARGETS: Final = (
     Target("64 KiB >= faster-fifo", ("64KiB", "astra"), ("64KiB", "faster_fifo"), 1.0),
     Target("round trip p50 <= mp.Pipe (default, adaptive spin)", ("rtt_p50", "astra"),
             ("rtt_p50", "mp_pipe"), 1.0),
-    Target("round trip p50 <= mp.Pipe (spin_us=0)", ("rtt_p50", "astra_nospin"),
-            ("rtt_p50", "mp_pipe"), 1.0),
     Target("100 MB handoff < 1 ms", ("100MB_handoff", "astra"), None, 1.0),
 )  # fmt: skip
 

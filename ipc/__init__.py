@@ -55,8 +55,16 @@ from .errors import (
     WouldBlock,
 )
 from .messages import ArrayRef
-from .ring import RingReader, RingStatistics, RingWriter, open_ring
-from .shm import Instance, OFDLock, Segment, cleanup_stale, is_alive, process_start_time
+from .ring import RingReader, RingStatistics, RingWriter, open_ring, unlink_ring
+from .shm import (
+    Instance,
+    OFDLock,
+    Segment,
+    cleanup_stale,
+    instance_objects,
+    is_alive,
+    process_start_time,
+)
 
 __all__ = [
     "MESSAGE_TAGS",
@@ -84,7 +92,9 @@ __all__ = [
     "decode_many",
     "encode",
     "encode_many",
+    "instance_objects",
     "is_alive",
     "open_ring",
     "process_start_time",
+    "unlink_ring",
 ]

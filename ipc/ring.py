@@ -91,12 +91,14 @@ __all__ = [
     "RingStatistics",
     "RingWriter",
     "open_ring",
+    "unlink_ring",
 ]
 
 import collections
 import contextlib
 import dataclasses
 import os
+import re
 import struct
 import threading
 import time
@@ -113,7 +115,15 @@ from .errors import (
     RingFull,
     SegmentError,
 )
-from .shm import Instance, OFDLock, Segment, is_alive, process_start_time
+from .shm import (
+    SHM_DIR,
+    Instance,
+    OFDLock,
+    Segment,
+    instance_objects,
+    is_alive,
+    process_start_time,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -143,6 +153,8 @@ _ONE_FRAME: Final = struct.Struct("<III")  # kind, nbytes, then the first frame'
 _U32: Final = struct.Struct("<I")
 _U64: Final = struct.Struct("<Q")
 _MIN_SLOT_BYTES: Final = 32
+#: The semaphores of a ring, after ``<ring>.``: items and spaces per lane, bell, free.
+_SEM_SUFFIX: Final = re.compile(r"[is]\d+|bell|free")
 
 # Header word indices (u64).
 _W_MAGIC, _W_VERSION, _W_LANES, _W_SLOTS, _W_SLOT_BYTES, _W_MAX_FRAME = 0, 1, 2, 3, 4, 5
@@ -1057,3 +1069,26 @@ def open_ring(
     )
     reader_map = _RingMap.open(instance, name)
     return RingWriter(ring, spin_us), RingReader(reader_map, spin_us)
+
+
+def unlink_ring(instance: Instance, name: str) -> list[str]:
+    """Remove the names of ring ``name`` of ``instance``: its segment and every semaphore.
+    Handles that already claimed their role stay usable until closed (POSIX unlink
+    semantics); nothing can attach or claim any more. The caller decides when the ring is
+    dead (say, its reader process died). Returns what was removed.
+
+    The instance's owner removes every ring at ``Instance.close()``; this is for rings that
+    die before their instance does (a restarted worker's old inbox).
+    """
+    prefix = f"astra-{instance.id}-{name}"
+    removed = []
+    for entry in instance_objects(instance.id).get(instance.id, []):
+        obj = entry.removeprefix("sem.")
+        if obj == prefix or (
+            obj.startswith(prefix + ".") and _SEM_SUFFIX.fullmatch(obj[len(prefix) + 1 :])
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM_DIR, entry))
+                removed.append(entry)
+    return removed
+

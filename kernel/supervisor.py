@@ -58,8 +58,6 @@ import signal
 import time
 from typing import TYPE_CHECKING, Final
 
-import posix_ipc
-
 from ipc import (
     Arena,
     Instance,
@@ -69,6 +67,7 @@ from ipc import (
     RingWriter,
     cleanup_stale,
     open_ring,
+    unlink_ring,
 )
 
 from . import proc
@@ -78,6 +77,8 @@ from .worker import Worker
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    import posix_ipc
 
     from ipc import RingReader
 
@@ -112,16 +113,6 @@ class RestartPolicy:
 def worker_ring(index: int, generation: int) -> str:
     """Name of the inbox ring of worker ``index``'s ``generation``-th process."""
     return f"to_w{index:02d}.{generation}"
-
-
-def _unlink_ring(instance: Instance, name: str, lanes: int) -> None:
-    # XX: ipc could offer unlink_ring(); the names below follow ipc/ring.py's _RingMap.
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        posix_ipc.unlink_shared_memory(instance.name(name))
-    sems = [f"{name}.i{k}" for k in range(lanes)] + [f"{name}.s{k}" for k in range(lanes)]
-    for obj in (*sems, f"{name}.bell", f"{name}.free"):
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_semaphore(instance.name(obj))
 
 
 @dataclasses.dataclass
@@ -306,7 +297,7 @@ class Supervisor:
             with contextlib.suppress(IPCError, OSError):
                 child.writer.close()
             child.writer = None
-        _unlink_ring(self._instance, worker_ring(child.index, child.generation), self._lanes)
+        unlink_ring(self._instance, worker_ring(child.index, child.generation))
 
     def _notify_lost(
         self, child: _Child, pid: int, code: int, running_client: int, running_task: int

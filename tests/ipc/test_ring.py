@@ -302,3 +302,22 @@ def test_a_timed_out_frame_larger_than_the_ring_is_abandoned_whole(instance):
     assert r.statistics().torn_frames_dropped == 1
     w.close()
     r.close()
+
+
+def test_unlink_ring_removes_only_that_ring(instance):
+    from ipc import instance_objects, unlink_ring
+
+    def entries():
+        return sorted(instance_objects(instance.id)[instance.id])
+
+    keep_w, keep_r = open_ring(instance, "to_w01.1", lanes=2, slots=2, slot_bytes=64)
+    before = entries()
+    w, r = open_ring(instance, "to_w01", lanes=3, slots=2, slot_bytes=64)
+    r.claim()
+    w.send(b"still mapped")
+    removed = unlink_ring(instance, "to_w01")
+    assert len(removed) == 1 + 3 * 2 + 2  # segment, items/spaces per lane, bell, free
+    assert entries() == before  # "to_w01.1" is another ring and stays
+    assert r.recv(timeout=5) == b"still mapped"  # claimed handles keep working
+    for h in (w, r, keep_w, keep_r):
+        h.close()

@@ -28,6 +28,7 @@ from kernel import (
     InstanceExistsError,
     Notifier,
     RestartPolicy,
+    collect_kernel_metrics,
     config_keys,
     configure_logging,
     default_state_dir,
@@ -36,6 +37,7 @@ from kernel import (
     load_config,
     log_event,
     read_state,
+    render_kernel_metrics,
     run_daemon,
 )
 
@@ -52,6 +54,7 @@ EXIT_OK: Final = 0
 EXIT_USAGE: Final = 64
 EXIT_UNAVAILABLE: Final = 69
 EXIT_TEMPFAIL: Final = 75  # astrad: another live astrad has this name
+EXIT_OSERR: Final = 71  # astrad: an operating-system error at start (a port in use...)
 EXIT_CANTCREAT: Final = 73  # astra service install: the unit could not be written
 EXIT_CONFIG: Final = 78  # astrad: a bad configuration; nothing was started
 
@@ -68,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     for name, text in (
         ("status", "the daemon's instance, uptime and workers"),
+        ("metrics", "the daemon's metrics in the Prometheus text format"),
         ("ps", "the processes of running daemons"),
         ("stop", "stop a daemon (SIGTERM: it drains, then exits)"),
     ):
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.command == "ps":
         return _ps(args)
+    if args.command == "metrics":
+        return _metrics(args)
     if args.command == "stop":
         return _stop(args)
     if args.command == "demo":
@@ -191,6 +197,35 @@ def _snapshot(state: DaemonState) -> dict[str, Any]:
         }
     finally:
         control.close()
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    state = _live_state(args)
+    if state is None:
+        return EXIT_UNAVAILABLE
+    try:
+        control = ControlBlock.open(Instance.attach(state.instance))
+    except (IPCError, OSError) as exc:
+        print(f"astra: astrad {args.name!r} is not reachable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        if args.json:
+            print(json.dumps(_jsonable(collect_kernel_metrics(control))))
+        else:
+            print(render_kernel_metrics(control), end="")
+    finally:
+        control.close()
+    return EXIT_OK
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            out[name] = {",".join(f"{k}={v}" for k, v in labels): n for labels, n in value.items()}
+        else:
+            out[name] = value
+    return out
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -363,10 +398,14 @@ def astrad_main(argv: list[str] | None = None) -> int:
             ),
             notifier=notifier,
             on_reload=reload,
+            metrics_addr=config.metrics_addr,
         )
     except InstanceExistsError as exc:
         print(f"astrad: {exc}", file=sys.stderr)
         return EXIT_TEMPFAIL
+    except OSError as exc:  # the state directory, the metrics address...
+        print(f"astrad: {exc}", file=sys.stderr)
+        return EXIT_OSERR
     finally:
         notifier.close()
 

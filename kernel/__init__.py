@@ -51,6 +51,7 @@ from .config import (
 from .control import ClientRow, ControlBlock, KernelState, WorkerRow
 from .daemon import DaemonState, default_state_dir, list_states, read_state, run_daemon
 from .errors import InstanceExistsError, KernelError, RegistrationError, TaskTimeout
+from .kmetrics import KERNEL_METRICS, collect_kernel_metrics, render_kernel_metrics
 from .logs import configure_logging, log_event
 from .messages import (
     CancelRun,
@@ -81,6 +82,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "EXIT_OK",
     "EXIT_RESTART_INTENSITY",
+    "KERNEL_METRICS",
     "RELOADABLE",
     "CancelRun",
     "ClientRow",
@@ -110,6 +112,7 @@ __all__ = [
     "WorkerLost",
     "WorkerRow",
     "cancel_requested",
+    "collect_kernel_metrics",
     "config_keys",
     "configure_logging",
     "decode_frames",
@@ -122,6 +125,7 @@ __all__ = [
     "load_config",
     "log_event",
     "read_state",
+    "render_kernel_metrics",
     "render_prometheus",
     "run_daemon",
     "shipping",

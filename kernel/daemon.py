@@ -34,6 +34,8 @@ from ipc import Arena, Instance, cleanup_stale
 from . import proc
 from .control import ControlBlock
 from .errors import InstanceExistsError
+from .kmetrics import render_kernel_metrics
+from .metrics import MetricsServer
 from .supervisor import RestartPolicy, Supervisor, install_signal_wakeup
 
 #: Default client slots of an astrad.
@@ -126,15 +128,18 @@ def run_daemon(
     policy: RestartPolicy | None = None,
     notifier: Notifier | None = None,
     on_reload: Callable[[], None] | None = None,
+    metrics_addr: str = "",
 ) -> int:
     """Run ``astrad`` in this process (its main thread) until SIGTERM/SIGINT; returns the
     exit code. Tells systemd through ``notifier`` (READY=1 once the workers are up, watchdog
-    pings, STOPPING=1); SIGHUP calls ``on_reload``. Raises ``InstanceExistsError`` if a live
-    astrad already has ``name``."""
+    pings, STOPPING=1); SIGHUP calls ``on_reload``; ``metrics_addr`` (``HOST:PORT``) serves
+    Prometheus ``/metrics``. Raises ``InstanceExistsError`` if a live astrad already has
+    ``name``, ``OSError`` if the metrics address cannot be bound."""
     root = state_dir or default_state_dir()
     lock_fd = _lock(root, name)
     proc.set_name("astrad")
     state_path = ""
+    server: MetricsServer | None = None
     try:
         cleanup_stale(os.getenv("ASTRA_SHM_LABEL") or None)
         n = workers or os.cpu_count() or 1
@@ -147,6 +152,12 @@ def run_daemon(
                 )
                 sup.start()
                 install_signal_wakeup(sup.wake_fd)
+                if metrics_addr:
+                    # XX: a thread in the supervisor, which forks replacement workers later;
+                    # logging re-creates its locks at fork, but a forked exporter process (or
+                    # serving from the supervisor's poll loop) would leave nothing to chance.
+                    server = MetricsServer(metrics_addr, lambda: render_kernel_metrics(control))
+                    log.info("[PID %d] serving /metrics on %s:%d", os.getpid(), *server.address)
                 pid = os.getpid()
                 state = DaemonState(name, inst.id, pid, proc.process_start(pid), n, time.time())
                 state_path = _write_state(root, state)
@@ -155,6 +166,8 @@ def run_daemon(
                     notifier.ready(status=f"{n} workers, instance {inst.id}")
                 return sup.run()
             finally:
+                if server is not None:
+                    server.close()
                 if state_path:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(state_path)

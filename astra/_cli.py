@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "stop":
             p.add_argument("--timeout", type=float, default=STOP_TIMEOUT_S)
+    top = sub.add_parser("top", help="a live view of a running astrad (q quits)")
+    top.add_argument("--name", default="default", help="daemon name (default: default)")
+    top.add_argument("--state-dir", default=None, help="daemon state directory")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
     demo = sub.add_parser("demo", help="start an embedded kernel and run a small task demo")
     demo.add_argument("--workers", type=int, default=None)
     service = sub.add_parser("service", help="run astrad as a systemd service")
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return _ps(args)
     if args.command == "metrics":
         return _metrics(args)
+    if args.command == "top":
+        return _top(args)
     if args.command == "stop":
         return _stop(args)
     if args.command == "demo":
@@ -197,6 +203,19 @@ def _snapshot(state: DaemonState) -> dict[str, Any]:
         }
     finally:
         control.close()
+
+
+def _top(args: argparse.Namespace) -> int:
+    from ._top import run_top
+
+    state = _live_state(args)
+    if state is None:
+        return EXIT_UNAVAILABLE
+    try:
+        return run_top(lambda: _snapshot(state), once=args.once)
+    except (IPCError, OSError) as exc:
+        print(f"astra: astrad {args.name!r} went away: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 def _metrics(args: argparse.Namespace) -> int:

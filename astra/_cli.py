@@ -187,6 +187,8 @@ def _snapshot(state: DaemonState) -> dict[str, Any]:
                 "queued": r.queued,
                 "tasks_done": r.tasks_done,
                 "restarts": r.restarts,
+                # live words, read without the worker's help: a display, not a record
+                "running": _running_label(control.running(r.index)),
                 **_proc_info(r.pid, procs),
             }
             for r in rows
@@ -245,6 +247,11 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def _running_label(running: tuple[int, int]) -> str:
+    client, task = running
+    return "-" if client < 0 else f"c{client}:t{task}"
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ def render_frame(snap: Snapshot, prev: Snapshot | None, dt_s: float) -> list[str
         rss = "-" if w["rss_bytes"] is None else f"{w['rss_bytes'] / 2**20:.1f}"
         rows.append(
             f"{w['id']:<7}{w['pid']:>8}{core:>6}{cpu:>7}{rss:>9}{w['queued']:>8}"
-            f"{w['tasks_done']:>11}{rate:>10.0f}{w['restarts']:>9}"
+            f"{w['tasks_done']:>11}{rate:>10.0f}{w['restarts']:>9}  {w.get('running', '-')}"
         )
     lines = [
         f"astra top - astrad {snap['name']!r} pid {snap['pid']} {snap['state']}, up "
@@ -50,7 +50,7 @@ def render_frame(snap: Snapshot, prev: Snapshot | None, dt_s: float) -> list[str
         f"{total_rate:.0f} tasks/s",
         "",
         f"{'worker':<7}{'pid':>8}{'core':>6}{'cpu%':>7}{'rss MiB':>9}{'queued':>8}"
-        f"{'done':>11}{'tasks/s':>10}{'restarts':>9}",
+        f"{'done':>11}{'tasks/s':>10}{'restarts':>9}  running",
         *rows,
         "",
         "agents: none (agents arrive with the agents issue)",

@@ -20,7 +20,7 @@ SNAP = {
     "name": "t", "pid": 10, "state": "running", "uptime_s": 5.0, "clients": [{"slot": 0}],
     "workers": [
         {"id": "w00", "pid": 11, "core": 0, "cpu_percent": 50.0, "rss_bytes": 2**21,
-         "queued": 3, "tasks_done": 100, "restarts": 0},
+         "queued": 3, "tasks_done": 100, "restarts": 0, "running": "c0:t7"},
         {"id": "w01", "pid": 12, "core": None, "cpu_percent": None, "rss_bytes": None,
          "queued": 0, "tasks_done": 40, "restarts": 1},
     ],
@@ -32,7 +32,7 @@ def test_frame_shows_workers_and_rates():
     lines = render_frame(SNAP, prev, 2.0)
     assert "20 tasks/s" in lines[0]  # (20 + 20) / 2 s
     w00 = next(line for line in lines if line.startswith("w00"))
-    assert w00.split() == ["w00", "11", "0", "50.0", "2.0", "3", "100", "10", "0"]
+    assert w00.split() == ["w00", "11", "0", "50.0", "2.0", "3", "100", "10", "0", "c0:t7"]
     w01 = next(line for line in lines if line.startswith("w01"))
     assert w01.split()[2:5] == ["-", "-", "-"]
 

@@ -61,7 +61,7 @@ from ._errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from ._future import Future
+from ._future import _DONE as _FUTURE_DONE, Future
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -140,6 +140,9 @@ class Client:
         self._inst = own_instance
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        # taking frames from the reply ring and handling them (re-entered by _on_worker_lost)
+        self._rx_lock = threading.RLock()
+        self._lead_lock = threading.Lock()  # held by the one thread in _lead
         self._future_cond = threading.Condition()  # shared by this client's futures
         self._tasks: dict[int, _Task] = {}
         self._ids = itertools.count(1)
@@ -443,16 +446,18 @@ class Client:
                 pass  # the worker died: its WorkerLost re-sends these tasks
 
     def _choose(self) -> _WorkerLink:
-        """The less loaded of two workers (the next two round-robin). If both are idle, the
-        one pinned to the CPU this thread runs on: waking a task on our own core is a context
-        switch, on another (idle) core an inter-processor interrupt, tens of microseconds
-        in a VM, which dominates a synchronous round trip."""
+        """The less loaded of two workers (the next two round-robin). If both are idle, one
+        *not* pinned to the CPU this thread runs on: in a synchronous round trip both ends
+        then spin on cores of their own (the worker for its next task, this thread in
+        ``_lead`` for the reply), so neither pays a wake-up, which costs tens of
+        microseconds in a VM (an inter-processor interrupt). On our own core, this thread's
+        spin would keep the worker from running at all."""
         links = self._links
         n = len(links)
         self._rr = (self._rr + 1) % n
         a, b = links[self._rr], links[(self._rr + 1) % n]
         la, lb = len(a.inflight), len(b.inflight)
-        if la == lb == 0 and b.core is not None and b.core == _current_cpu():
+        if la == lb == 0 and a.core is not None and a.core == _current_cpu():
             return b  # both idle: a synchronous round trip, where the core matters
         return b if lb < la else a
 
@@ -499,15 +504,16 @@ class Client:
     # ---- Receiving (the receiver thread) ----
 
     def _receive(self) -> None:
+        # Waits without holding the reader, so a thread in Future.result() may take the
+        # replies itself (_lead); frames are taken and handled under _rx_lock, in ring order.
         reader = self._reader
         while True:
             try:
-                frames = reader.recv_many(4096, timeout=RECV_SLICE_S)
-            except RingEmpty:
-                frames = []
+                rung = reader.wait_readable(RECV_SLICE_S, spin=False)
+                with self._rx_lock:
+                    self._handle_batch(decode_frames(reader.recv_ready(4096, rung=rung)))
             except (RingClosedError, SegmentError):
                 return
-            self._handle_batch(decode_frames(frames))
             if self._closed:
                 return  # a done-callback on this thread closed the client: rings are gone
             if self._closing:
@@ -517,6 +523,34 @@ class Client:
             if now - self._last_check >= RECV_SLICE_S:
                 self._last_check = now
                 self._check_kernel()
+
+    def _lead(self, future: Future[object], deadline: float | None) -> None:
+        """Receive in the calling thread, blocked in ``future.result()``, while spinning on
+        the reply ring catches replies: a synchronous round trip then costs no wake-up of
+        the receiver thread and none of this thread (the receiver thread, blocked in the
+        kernel, needs no GIL meanwhile). Returns when ``future`` is done, at the deadline,
+        or as soon as a spin comes back empty: the caller then waits on the Condition, and
+        the receiver thread does the work. One leading thread at a time."""
+        if threading.current_thread() is self._receiver:
+            return  # a done-callback on the receiver thread: it holds _rx_lock
+        if not self._lead_lock.acquire(blocking=False):
+            return
+        reader = self._reader
+        try:
+            while future._state not in _FUTURE_DONE:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                if not reader.spin_readable():
+                    return
+                with self._rx_lock:
+                    self._handle_batch(decode_frames(reader.recv_ready(4096, rung=True)))
+        except (RingClosedError, SegmentError):
+            return  # closing or gone: the receiver thread reports it
+        finally:
+            self._lead_lock.release()
+
+    def _note_blocked(self, waited_s: float) -> None:
+        self._reader.note_blocked(waited_s)
 
     def _handle_batch(self, msgs: Sequence[object]) -> None:
         """Plain results complete under one lock round per batch (the common case);
@@ -656,11 +690,12 @@ class Client:
             self._queue_send(resend)
 
     def _drain_ready(self) -> None:
-        try:
-            frames = self._reader.recv_many(4096, timeout=0)
-        except (RingEmpty, RingClosedError):
-            return
-        self._handle_batch(decode_frames(frames))
+        with self._rx_lock:
+            try:
+                frames = self._reader.recv_many(4096, timeout=0)
+            except (RingEmpty, RingClosedError):
+                return
+            self._handle_batch(decode_frames(frames))
 
     def _check_kernel(self) -> None:
         """Between slices: is the supervisor alive; did a worker change without notice?"""

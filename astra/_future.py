@@ -75,12 +75,21 @@ class Future(concurrent.futures.Future[T]):
         if self._state in _DONE:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
+        lead = getattr(self._owner, "_lead", None)
+        if lead is not None:
+            lead(self, deadline)  # take the reply ourselves while spinning catches it
+            if self._state in _DONE:
+                return
+        t0 = time.monotonic()
         with self._condition:
             while self._state not in _DONE:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return  # super() raises TimeoutError
                 self._condition.wait(left)
+        note = getattr(self._owner, "_note_blocked", None)
+        if note is not None:
+            note(time.monotonic() - t0)
 
     @staticmethod
     def _set_results(

@@ -356,13 +356,21 @@ class _Spinner:
         calling ``check()`` (which raises to abort) after each empty slice. False if the
         deadline passed. ``check`` runs only after a slice, never on the fast path: it reads
         /proc."""
+        if self.budget > 0:
+            if self.spin(sem, deadline):
+                return True
+            return _block(sem, deadline, check)
+        t0 = time.monotonic()
+        got = _block(sem, deadline, check)
+        self.note_blocked(time.monotonic() - t0)
+        return got
+
+    def spin(self, sem: posix_ipc.Semaphore, deadline: float | None = None) -> bool:
+        """Spin up to the budget for one count of ``sem``, never blocking; adapts the budget
+        to the outcome. False if the spin (or the deadline) ran out, or the budget is 0."""
         budget = self.budget
         if budget <= 0:
-            t0 = time.monotonic()
-            got = _block(sem, deadline, check)
-            if self._adaptive and self._max > 0:
-                self._after_block(time.monotonic() - t0)
-            return got
+            return False
         clock = time.monotonic
         t0 = clock()
         end = t0 + budget if deadline is None else min(t0 + budget, deadline)
@@ -383,7 +391,12 @@ class _Spinner:
             else:
                 half = budget / 2
                 self.budget = half if half >= self._MIN_S else 0.0
-        return _block(sem, deadline, check)
+        return False
+
+    def note_blocked(self, waited: float) -> None:
+        """Tell an idle spinner (budget 0) how long a wait took without it (for probing)."""
+        if self._adaptive and self._max > 0 and self.budget <= 0:
+            self._after_block(waited)
 
     def _after_block(self, waited: float) -> None:
         if waited >= self._max:
@@ -789,6 +802,7 @@ class RingReader:
         self._slots_moved = 0
         self._torn = 0
         self._buf = ring.segment.buf
+        self._lead_spinner = _Spinner(spin_us)  # spin_readable's: one leading thread
 
     @classmethod
     def attach(
@@ -867,6 +881,71 @@ class RingReader:
                 out = [pending.popleft() for _ in range(max_frames)]
             self._frames += len(out)
             return out
+
+    # -- receiving from several threads: wait without the lock, then take what is ready --
+
+    def wait_readable(self, timeout: float | None = None, *, spin: bool = True) -> bool:
+        """Block until the ring may hold a frame, holding no lock meanwhile, so that another
+        thread of this process may receive (``spin_readable``, ``recv_ready``) in the
+        meantime. Takes one doorbell count: pass ``rung=True`` to the ``recv_ready`` that
+        follows. Returns False if ``timeout`` passed. ``spin=False`` blocks at once: for a
+        background thread, whose spin would hold the GIL the process's other threads need.
+        Raises ``RingClosedError`` once the ring is closed and drained (checked between
+        liveness slices)."""
+        with self._lock:
+            if self._pid != _pid:
+                self._claim()
+        if not spin:
+            return _block(self._ring.bell, _deadline(timeout), self._check_locked)
+        return self._spinner.wait(self._ring.bell, _deadline(timeout), self._check_locked)
+
+    def spin_readable(self) -> bool:
+        """Like ``wait_readable`` but never blocks: spins for a doorbell count within a
+        budget of its own (adapted as in ``wait_readable``), for a thread that would rather
+        catch a reply at once than sleep. False when the spin ran out."""
+        with self._lock:
+            if self._pid != _pid:
+                self._claim()
+        return self._lead_spinner.spin(self._ring.bell)
+
+    def note_blocked(self, waited_s: float) -> None:
+        """Tell ``spin_readable``'s spinner how long its caller then waited by other means,
+        so that a spinner turned off learns when to try again."""
+        self._lead_spinner.note_blocked(waited_s)
+
+    def recv_ready(self, max_frames: int = 1024, *, rung: bool = False) -> list[bytes]:
+        """Return up to ``max_frames`` frames that are ready, perhaps none; never blocks.
+        ``rung``: the caller holds a doorbell count (from ``wait_readable``). Raises
+        ``RingClosedError`` once the ring is closed and drained."""
+        ring = self._ring
+        with self._lock:
+            if self._pid != _pid:
+                self._claim()
+            while len(self._pending) < max_frames:
+                lane = self._scan()
+                if lane < 0:
+                    break
+                if not rung:
+                    try:  # noqa: SIM105 -- keep bell ~= items, as _fill_pending does
+                        ring.bell.acquire(0)
+                    except posix_ipc.BusyError:
+                        pass
+                rung = False
+                self._consume(lane)
+            if not self._pending:
+                self._check_readable()  # reaps dead writers; raises once closed and drained
+            pending = self._pending
+            if len(pending) <= max_frames:
+                out = list(pending)
+                pending.clear()
+            else:
+                out = [pending.popleft() for _ in range(max_frames)]
+            self._frames += len(out)
+            return out
+
+    def _check_locked(self) -> None:
+        with self._lock:
+            self._check_readable()
 
     def _fill_pending(self, deadline: float | None, blocking: bool) -> None:
         """Consume slots until at least one whole frame is pending (protocol step 2)."""
@@ -1091,4 +1170,3 @@ def unlink_ring(instance: Instance, name: str) -> list[str]:
                 os.unlink(os.path.join(SHM_DIR, entry))
                 removed.append(entry)
     return removed
-

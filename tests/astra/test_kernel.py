@@ -296,3 +296,24 @@ def test_an_embedding_process_killed_with_sigkill_leaves_nothing_running(tmp_pat
     wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), timeout_s=10)
     removed = cleanup_stale(os.environ["ASTRA_SHM_LABEL"])  # what the next start does
     assert any(f"astra-{proc.pid}" in entry for entry in removed)
+
+
+@pytest.mark.slow
+def test_synchronous_results_from_several_threads_at_once(kernel):
+    """One thread at a time takes replies itself (Client._lead); the others wait on the
+    Condition and the receiver thread serves them: every result arrives, to its caller."""
+    errors = []
+
+    def caller(base: int) -> None:
+        try:
+            for i in range(200):
+                assert kernel.submit(tasks.square, base + i).result(timeout=30) == (base + i) ** 2
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k * 1000,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -321,3 +321,28 @@ def test_unlink_ring_removes_only_that_ring(instance):
     assert r.recv(timeout=5) == b"still mapped"  # claimed handles keep working
     for h in (w, r, keep_w, keep_r):
         h.close()
+
+
+def test_waiting_without_the_lock_then_taking_what_is_ready(tiny):
+    """wait_readable holds no lock, so another thread may take the frames meanwhile; the
+    doorbell count it took is handed to recv_ready (rung=True) and counts stay balanced."""
+    import threading
+
+    w, r = tiny
+    assert not r.wait_readable(timeout=0.01)
+    assert r.recv_ready() == []
+    w.send(b"a")
+    w.send(b"b")
+    assert r.spin_readable() or r.wait_readable(timeout=5)
+    assert r.recv_ready(rung=True) == [b"a", b"b"]
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(r.wait_readable(timeout=5)))
+    waiter.start()
+    w.send(b"c")
+    waiter.join()
+    assert got == [True]
+    assert r.recv_ready(rung=True) == [b"c"]
+    assert r.recv_ready() == []
+    w.close()
+    with pytest.raises(RingClosedError):
+        r.recv_ready()  # the single writer left and everything was read

@@ -873,14 +873,7 @@ class RingReader:
                 if lane < 0:
                     break
                 self._consume(lane)
-            pending = self._pending
-            if len(pending) <= max_frames:
-                out = list(pending)
-                pending.clear()
-            else:
-                out = [pending.popleft() for _ in range(max_frames)]
-            self._frames += len(out)
-            return out
+            return self._take_pending(max_frames)
 
     # -- receiving from several threads: wait without the lock, then take what is ready --
 
@@ -934,14 +927,17 @@ class RingReader:
                 self._consume(lane)
             if not self._pending:
                 self._check_readable()  # reaps dead writers; raises once closed and drained
-            pending = self._pending
-            if len(pending) <= max_frames:
-                out = list(pending)
-                pending.clear()
-            else:
-                out = [pending.popleft() for _ in range(max_frames)]
-            self._frames += len(out)
-            return out
+            return self._take_pending(max_frames)
+
+    def _take_pending(self, max_frames: int) -> list[bytes]:
+        pending = self._pending
+        if len(pending) <= max_frames:
+            out = list(pending)
+            pending.clear()
+        else:
+            out = [pending.popleft() for _ in range(max_frames)]
+        self._frames += len(out)
+        return out
 
     def _check_locked(self) -> None:
         with self._lock:

@@ -78,7 +78,11 @@ which do not tear; NOTES.md):
 A handle acts for the process that claimed its role, by first use or ``claim()``: the first
 process to send through a writer handle claims a lane, the first to receive claims the reader
 role. Elsewhere (a fork child that inherited a handle it does not use) ``close()`` only unmaps.
-A handle is safe to share between threads of its process.
+A handle is safe to share between threads of its process. A reader's ``recv*`` hold the
+handle's lock while they wait; ``wait_readable``/``spin_readable`` wait without it and hand a
+doorbell count to ``recv_ready``, so that several threads of one process can take turns
+receiving (the client's leading thread, ``astra/_client.py``); keeping the frames' order
+across those turns is the caller's lock.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Both ``astra.Kernel`` (an embedded kernel owned by this process) and ``astra.connect()`` (a
 client of a running ``astrad``) are ``Client``s. A client registers in the kernel's control
 block (a slot claim under an OFD lock), owns one inbox ring ``to_c<slot>`` that every worker
-and the supervisor write to, and writes ``RunTask``s into each worker's inbox ring. A
-receiver thread turns replies into futures; a dispatcher thread re-sends tasks on behalf of
-the receiver, which must never block on a full ring (it is what drains the replies that
-would unblock it).
+and the supervisor write to, and writes ``RunTask``s into each worker's inbox ring: at once
+while the worker has little to do, else gathered into batches that share one ring slot
+(``LOW_WATER``), sent by whichever thread next takes replies. A receiver thread turns
+replies into futures; a dispatcher thread re-sends tasks on behalf of the receiver, which
+must never block on a full ring (it is what drains the replies that would unblock it).
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ INBOX_SLOT_BYTES: Final = 16 * 1024
 MAX_ARGS_BYTES: Final = 48 << 20
 #: Frames a worker's outbox holds (while its ring is full) before submitters wait.
 OUTBOX_MAX: Final = 4096
+#: Tasks sent to a worker and not yet finished below which a submit goes out at once; at or
+#: above it (the worker has a queue to chew on) submits gather into batches of
+#: ``SEND_BATCH``, many frames to one ring slot, sent when full, when the worker's queue
+#: falls below this mark (seen by whichever thread takes replies), or when anyone waits.
+LOW_WATER: Final = 32
+SEND_BATCH: Final = 64
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -100,6 +107,7 @@ class _Task:
     worker: int = -1  # the worker it was last sent to; -1 before
     deferred: bool = False  # waits for dependencies; sent by their last callback
     generation: int = 0  # that worker's generation when it was sent
+    unsent: bool = False  # in its link's ``unsent`` batch, not yet in the ring
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -111,7 +119,8 @@ class _WorkerLink:
     writer: RingWriter
     core: int | None = None  # the CPU the worker is pinned to
     sent_keys: set[bytes] = dataclasses.field(default_factory=set)
-    inflight: set[int] = dataclasses.field(default_factory=set)
+    inflight: set[int] = dataclasses.field(default_factory=set)  # includes ``unsent``
+    unsent: list[_Task] = dataclasses.field(default_factory=list)  # guarded by the client lock
     stale_seen: bool = False  # the control block showed a newer generation last check
     # Frames not yet in the ring, in order; guarded by ``cond``. Invariant: non-empty only
     # while ``flushing`` (the dispatcher owns sending them; submitters only append).
@@ -210,8 +219,10 @@ class Client:
         seconds for one run, then ``TaskTimeoutError``. ``priority``: higher runs first
         among a worker's queued tasks.
 
-        Blocks only while ``OUTBOX_MAX`` tasks already wait for room in the chosen worker's
-        ring (backpressure). Raises ``SerializationError`` if ``fn`` or an argument cannot
+        While the chosen worker already has ``LOW_WATER`` tasks to do, the task waits in a
+        batch (see ``LOW_WATER``) instead of taking a ring slot of its own. Blocks only
+        while ``OUTBOX_MAX`` tasks already wait for room in the chosen worker's ring
+        (backpressure). Raises ``SerializationError`` if ``fn`` or an argument cannot
         be pickled and ``KernelNotRunningError`` if the kernel is closed or gone.
         """
         task = self._new_task(fn, args, kwargs, retries, timeout, priority)
@@ -247,7 +258,7 @@ class Client:
             self._new_task(fn, xs, {}, retries, timeout, priority)
             for xs in zip(*iterables, strict=False)
         ]
-        self._send([t for t in tasks if not t.deferred])
+        self._send([t for t in tasks if not t.deferred], now=True)
         return [t.future for t in tasks]  # type: ignore[misc]
 
     @staticmethod
@@ -310,9 +321,12 @@ class Client:
     @staticmethod
     def _pack(args: tuple[object, ...], kwargs: dict[str, object]) -> bytes:
         try:
-            data = shipping.dumps((args, kwargs))
-        except ShippingError as exc:
-            raise SerializationError(str(exc)) from exc.__cause__
+            data = pickle.dumps((args, kwargs), protocol=5)
+        except Exception:  # what plain pickle cannot reach (lambdas): cloudpickle's turn
+            try:
+                data = shipping.dumps((args, kwargs))
+            except ShippingError as exc:
+                raise SerializationError(str(exc)) from exc.__cause__
         if len(data) > MAX_ARGS_BYTES:
             raise SerializationError(
                 f"arguments pickle to {len(data)} B, over {MAX_ARGS_BYTES} B: share large data "
@@ -363,31 +377,68 @@ class Client:
 
     # ---- Sending ----
 
-    def _send(self, tasks: list[_Task]) -> None:
-        """Send tasks to workers (each to the less loaded of two). Blocks only while a
-        worker's outbox is over ``OUTBOX_MAX`` frames."""
-        batches: dict[int, tuple[_WorkerLink, list[bytes]]] = {}
+    def _send(self, tasks: list[_Task], *, now: bool = False) -> None:
+        """Assign tasks to workers (each to the less loaded of two) and send them, or leave
+        them in their link's batch while the worker is busy (``LOW_WATER``) unless ``now``.
+        Blocks only while a worker's outbox is over ``OUTBOX_MAX`` frames."""
         with self._lock:
+            touched: dict[int, _WorkerLink] = {}
             for task in tasks:
                 if task.id not in self._tasks:
                     continue  # cancelled meanwhile
                 link = self._choose()
                 task.worker, task.generation = link.index, link.generation
+                task.unsent = True
                 link.inflight.add(task.id)
-                fn = None
-                if task.fn_key not in link.sent_keys:
-                    link.sent_keys.add(task.fn_key)
-                    fn = self._fn_data[task.fn_key]
-                msg = RunTask(
-                    self._slot, self._gen, task.id, task.fn_key, fn, task.args,
-                    task.priority, task.timeout_s,
-                )  # fmt: skip
-                batch = batches.get(link.index)
-                if batch is None or batch[0] is not link:
-                    batch = batches[link.index] = (link, [])
-                batch[1].append(encode(msg))
-        for link, frames in batches.values():
-            self._push(link, frames)
+                link.unsent.append(task)
+                touched[link.index] = link
+                now = now or task.priority != 0  # overtaking needs the worker to see it
+            ready = [
+                (link, self._take_unsent(link))
+                for link in touched.values()
+                if now
+                or len(link.unsent) >= SEND_BATCH
+                or len(link.inflight) - len(link.unsent) < LOW_WATER
+            ]
+        for link, frames in ready:
+            if frames:
+                self._push(link, frames)
+
+    def _take_unsent(self, link: _WorkerLink) -> list[bytes]:
+        """Encode ``link``'s batch and empty it (client lock held)."""
+        frames = []
+        tasks = self._tasks
+        for task in link.unsent:
+            task.unsent = False
+            if task.id not in tasks:
+                continue  # cancelled while it waited
+            fn = None
+            if task.fn_key not in link.sent_keys:
+                link.sent_keys.add(task.fn_key)
+                fn = self._fn_data[task.fn_key]
+            msg = RunTask(
+                self._slot, self._gen, task.id, task.fn_key, fn, task.args,
+                task.priority, task.timeout_s,
+            )  # fmt: skip
+            frames.append(encode(msg))
+        link.unsent = []
+        return frames
+
+    def _send_unsent(self, *, every: bool = True) -> None:
+        """Send the waiting batches: all of them, or (``every=False``, after replies were
+        taken) those of workers whose queue fell below ``LOW_WATER``. Never blocks."""
+        links = self._links
+        if not any(link.unsent for link in links):
+            return
+        with self._lock:
+            ready = [
+                (link, self._take_unsent(link))
+                for link in self._links
+                if link.unsent and (every or len(link.inflight) - len(link.unsent) < LOW_WATER)
+            ]
+        for link, frames in ready:
+            if frames:
+                self._push(link, frames)
 
     def _push(self, link: _WorkerLink, frames: list[bytes]) -> None:
         """Put ``frames`` into ``link``'s ring without blocking; if the ring is full, the
@@ -480,7 +531,7 @@ class Client:
                 if isinstance(item, _WorkerLink):
                     self._flush(item)
                 else:
-                    self._send(item)
+                    self._send(item, now=True)
             except IPCError as exc:
                 tasks = [] if isinstance(item, _WorkerLink) else item
                 for task in tasks:
@@ -493,6 +544,8 @@ class Client:
                 return
             link = self._links[task.worker]
             link.inflight.discard(task_id)
+            if task.unsent:
+                return  # still in its batch: never sent, the batch skips it
             writer = link.writer if link.generation == task.generation else None
             if writer is not None:
                 # Running: the task may poll astra.cancelled(); queued: the worker drops it.
@@ -512,6 +565,7 @@ class Client:
                 rung = reader.wait_readable(RECV_SLICE_S, spin=False)
                 with self._rx_lock:
                     self._handle_batch(decode_frames(reader.recv_ready(4096, rung=rung)))
+                self._send_unsent(every=False)
             except (RingClosedError, SegmentError):
                 return
             if self._closed:
@@ -523,6 +577,7 @@ class Client:
             if now - self._last_check >= RECV_SLICE_S:
                 self._last_check = now
                 self._check_kernel()
+                self._send_unsent()  # a backstop: batches normally go with the replies
 
     def _lead(self, future: Future[object], deadline: float | None) -> None:
         """Receive in the calling thread, blocked in ``future.result()``, while spinning on
@@ -531,6 +586,7 @@ class Client:
         kernel, needs no GIL meanwhile). Returns when ``future`` is done, at the deadline,
         or as soon as a spin comes back empty: the caller then waits on the Condition, and
         the receiver thread does the work. One leading thread at a time."""
+        self._send_unsent()  # someone waits: nothing may sit in a batch
         if threading.current_thread() is self._receiver:
             return  # a done-callback on the receiver thread: it holds _rx_lock
         if not self._lead_lock.acquire(blocking=False):
@@ -544,6 +600,7 @@ class Client:
                     return
                 with self._rx_lock:
                     self._handle_batch(decode_frames(reader.recv_ready(4096, rung=True)))
+                self._send_unsent(every=False)
         except (RingClosedError, SegmentError):
             return  # closing or gone: the receiver thread reports it
         finally:
@@ -847,10 +904,17 @@ def _futures_in(
 ) -> list[concurrent.futures.Future[object]]:
     """The futures among the arguments (dependency edges); usually none, found fast."""
     cls = concurrent.futures.Future
-    if not any(isinstance(a, cls) for a in args) and not (
-        kwargs and any(isinstance(v, cls) for v in kwargs.values())
-    ):
-        return []
+    for a in args:
+        if isinstance(a, cls):
+            break
+    else:
+        if not kwargs:
+            return []
+        for v in kwargs.values():
+            if isinstance(v, cls):
+                break
+        else:
+            return []
     return [a for a in (*args, *kwargs.values()) if isinstance(a, cls)]
 
 

@@ -175,6 +175,56 @@ def test_ten_thousand_futures_in_flight(kernel):
     assert kernel.statistics().pending == 0
 
 
+def test_batched_submits_complete_with_nobody_waiting(kernel1):
+    # Past LOW_WATER tasks in flight, submits wait in a batch; the thread taking replies
+    # sends it. Only callbacks here (no result() call), so nothing else would send it.
+    from astra._client import LOW_WATER
+
+    blocker = kernel1.submit(tasks.sleep, 0.2)
+    futures = [kernel1.submit(tasks.add, i, 1) for i in range(LOW_WATER + 10)]
+    assert kernel1._links[0].unsent, "the tail of the burst should wait in a batch"
+    done = threading.Event()
+    left = [len(futures)]
+
+    def on_done(_):
+        left[0] -= 1
+        if not left[0]:
+            done.set()
+
+    for f in futures:
+        f.add_done_callback(on_done)
+    assert done.wait(10)
+    assert [f.result() for f in futures] == [i + 1 for i in range(LOW_WATER + 10)]
+    blocker.result(timeout=10)
+
+
+def test_cancelling_a_batched_task_means_it_never_runs(kernel1, tmp_path):
+    from astra._client import LOW_WATER
+
+    blocker = kernel1.submit(tasks.sleep, 0.2)
+    filler = [kernel1.submit(tasks.noop) for _ in range(LOW_WATER)]
+    marker = tmp_path / "ran"
+    batched = kernel1.submit(tasks.touch, str(marker))
+    assert batched.cancel()
+    after = kernel1.submit(tasks.noop)
+    after.result(timeout=10)  # sends the batch; runs after the cancelled task's place
+    assert not marker.exists()
+    kernel1.gather([blocker, *filler], timeout=10)
+    assert kernel1.statistics().pending == 0
+
+
+@pytest.mark.slow
+def test_a_prioritised_task_is_not_held_in_a_batch(kernel1):
+    from astra._client import LOW_WATER
+
+    blocker = kernel1.submit(tasks.sleep, 0.3)
+    low = [kernel1.submit(tasks.sequence) for _ in range(LOW_WATER + 5)]
+    high = kernel1.submit(tasks.sequence, priority=5)
+    assert not kernel1._links[0].unsent  # the priority task took the batch with it
+    blocker.result(timeout=10)
+    assert high.result(timeout=10) < min(kernel1.gather(low, timeout=10))
+
+
 @pytest.mark.slow
 def test_large_numpy_result_comes_back_as_a_zero_copy_view(kernel):
     arena = kernel._arena

@@ -139,7 +139,7 @@ def _bench_pool(report: Report, plan: Plan) -> None:
     n = plan.tasks
     ctx = multiprocessing.get_context("fork")
     t0 = time.perf_counter()
-    with ctx.Pool(WORKERS) as pool:
+    with ctx.Pool(WORKERS, initializer=_peer_signals) as pool:
         pool.apply(noop, (1,))
         first = (time.perf_counter() - t0) * 1e3
 
@@ -161,7 +161,9 @@ def _bench_ppe(report: Report, plan: Plan) -> None:
     n = plan.tasks
     ctx = multiprocessing.get_context("fork")
     t0 = time.perf_counter()
-    with concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=ctx) as ex:
+    with concurrent.futures.ProcessPoolExecutor(
+        WORKERS, mp_context=ctx, initializer=_peer_signals
+    ) as ex:
         ex.submit(noop, 1).result()
         first = (time.perf_counter() - t0) * 1e3
 
@@ -289,6 +291,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _peer_signals() -> None:
+    """In a forked peer worker: SIGTERM kills, as the peer expects. Our ``_interrupt``,
+    inherited through fork, made ``Pool.terminate()`` raise in a worker holding the task
+    queue's lock, and the pool's join then hung on the worker stuck behind it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,15 @@ def test_worker_killed_mid_task_every_task_completes_and_the_worker_returns(kern
     assert kernel.map(tasks.square, range(10)) == [x * x for x in range(10)]
 
 
+def test_worker_killed_with_batched_submits_waiting_every_task_completes(kernel):
+    # 200 tasks: most wait in the client's batches (LOW_WATER) when the worker dies; those
+    # count as the dead worker's in-flight tasks and are re-sent with the rest.
+    futures = [kernel.submit(tasks.sleep, 0.002) for _ in range(200)]
+    KillWorkerMidTask(kernel)()
+    assert kernel.gather(futures, timeout=30) == [0.002] * 200
+    assert kernel.statistics().pending == 0
+
+
 def test_a_task_killed_once_is_rerun_elsewhere(kernel, tmp_path):
     assert kernel.submit(tasks.die_once, str(tmp_path / "m")).result(timeout=30) == "survived"
 

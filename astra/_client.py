@@ -44,6 +44,7 @@ from kernel import (
     ShippingError,
     TaskDone,
     TaskError,
+    TasksMoved,
     Wake,
     WorkerLost,
     cancel_requested,
@@ -108,6 +109,7 @@ class _Task:
     deferred: bool = False  # waits for dependencies; sent by their last callback
     generation: int = 0  # that worker's generation when it was sent
     unsent: bool = False  # in its link's ``unsent`` batch, not yet in the ring
+    pin: int = -1  # the worker asked for with ``worker=``; -1 lets the client choose
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -208,6 +210,7 @@ class Client:
         retries: int = DEFAULT_RETRIES,
         timeout: float | None = None,
         priority: int = 0,
+        worker: int | None = None,
         **kwargs: object,
     ) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on a worker; returns its future at once.
@@ -217,7 +220,8 @@ class Client:
         ``retries`` (default ``DEFAULT_RETRIES``): re-runs allowed after the worker died
         under the task; an exception the task raises is never retried. ``timeout``: wall
         seconds for one run, then ``TaskTimeoutError``. ``priority``: higher runs first
-        among a worker's queued tasks.
+        among a worker's queued tasks. ``worker``: queue it on that worker (by index) rather
+        than the less loaded of two; an idle worker may still steal it (kernel/scheduler.py).
 
         While the chosen worker already has ``LOW_WATER`` tasks to do, the task waits in a
         batch (see ``LOW_WATER``) instead of taking a ring slot of its own. Blocks only
@@ -225,7 +229,11 @@ class Client:
         (backpressure). Raises ``SerializationError`` if ``fn`` or an argument cannot
         be pickled and ``KernelNotRunningError`` if the kernel is closed or gone.
         """
+        if worker is not None and not 0 <= worker < len(self._links):
+            raise ValueError(f"worker={worker}: this kernel has workers 0-{len(self._links) - 1}")
         task = self._new_task(fn, args, kwargs, retries, timeout, priority)
+        if worker is not None:
+            task.pin = worker
         if not task.deferred:
             self._send([task])
         return task.future  # type: ignore[return-value]
@@ -386,7 +394,7 @@ class Client:
             for task in tasks:
                 if task.id not in self._tasks:
                     continue  # cancelled meanwhile
-                link = self._choose()
+                link = self._choose() if task.pin < 0 else self._links[task.pin]
                 task.worker, task.generation = link.index, link.generation
                 task.unsent = True
                 link.inflight.add(task.id)
@@ -403,6 +411,19 @@ class Client:
         for link, frames in ready:
             if frames:
                 self._push(link, frames)
+                if len(link.inflight) >= 2:
+                    self._hint_idle(link)
+
+    def _hint_idle(self, busy: _WorkerLink) -> None:
+        """``busy`` has a queue: wake an idle worker to steal from it (kernel/scheduler.py,
+        protocol step 4). Matters when tasks are pinned with ``worker=``; otherwise the
+        less-loaded-of-two choice rarely leaves a worker idle beside a queue."""
+        control = self._control
+        for link in self._links:
+            if link is not busy and control.idle(link.index):
+                with contextlib.suppress(IPCError):
+                    link.writer.send_nowait(encode(Wake()))
+                return
 
     def _take_unsent(self, link: _WorkerLink) -> list[bytes]:
         """Encode ``link``'s batch and empty it (client lock held)."""
@@ -470,7 +491,8 @@ class Client:
             link.cond.wait(RECV_SLICE_S)
 
     def _wait_sent(self, timeout: float) -> None:
-        """Wait (up to ``timeout``) until every outbox is in its ring."""
+        """Send every batch and wait (up to ``timeout``) until every outbox is in its ring."""
+        self._send_unsent()
         deadline = time.monotonic() + timeout
         for link in list(self._links):
             with link.cond:
@@ -647,7 +669,29 @@ class Client:
             self._on_error(msg)
         elif isinstance(msg, WorkerLost):
             self._on_worker_lost(msg.worker, msg.generation, msg.running_task)
+        elif isinstance(msg, TasksMoved):
+            self._on_moved(msg)
         # Wake: only makes the loop look at _closing; CodecError: nothing to do
+
+    def _on_moved(self, msg: TasksMoved) -> None:
+        """A worker gave our queued tasks to a thief: they are in flight there now. If that
+        thief has been replaced meanwhile, they died with it: send them again."""
+        lost = []
+        with self._lock:
+            link = self._links[msg.worker]
+            for task_id in msg.task_ids:
+                task = self._tasks.get(task_id)
+                if task is None or task.worker < 0:
+                    continue  # finished already, or already queued for re-sending
+                self._links[task.worker].inflight.discard(task_id)
+                if msg.generation < link.generation:
+                    task.worker = -1
+                    lost.append(task)
+                else:
+                    task.worker, task.generation = msg.worker, msg.generation
+                    link.inflight.add(task_id)
+        if lost:
+            self._queue_send(lost)
 
     def _on_done(self, msg: TaskDone) -> None:
         if msg.ref is not None:

@@ -26,8 +26,11 @@ Layout (little-endian u64 words, each aligned, so single-writer reads never tear
                                                                   cancel); 0 = none
 
 Worker row words: pid, start time, generation, core+1 (0 = unpinned) and restarts are
-written by the supervisor when it forks the worker; tasks_done, queued, cur_client and
-cur_task by the worker itself (one writer each). A client row is written only under the lock.
+written by the supervisor when it forks the worker; tasks_done, queued, cur_client,
+cur_task, idle, steals, steal_from and steal_seq by the worker itself (one writer each; a
+replacement worker continues its predecessor's words). steal_from/steal_seq are a thief's
+request, read by the victim after the thief posts the victim's steal bell
+(kernel/scheduler.py). A client row is written only under the lock.
 Memory ordering: readers use these words as hints and for display; anything a process acts
 on (a new worker ring, a lost task) also arrives as a message through a ring, whose
 semaphores order memory.
@@ -57,7 +60,7 @@ _H_MAGIC, _H_VERSION, _H_WORKERS, _H_CLIENTS, _H_STATE, _H_SUP_PID, _H_SUP_START
 _H_STARTED_NS: Final = 7
 # Worker row fields.
 _W_PID, _W_START, _W_GEN, _W_CORE, _W_RESTARTS, _W_DONE, _W_QUEUED, _W_CUR_CLIENT = range(8)
-_W_CUR_TASK: Final = 8
+_W_CUR_TASK, _W_IDLE, _W_STEALS, _W_STEAL_FROM, _W_STEAL_SEQ = range(8, 13)
 # Client row fields; the instance id (ASCII, NUL-padded) fills words 8-15.
 _C_STATE, _C_PID, _C_START, _C_GEN = range(4)
 _C_ID_WORD: Final = 8
@@ -91,6 +94,8 @@ class WorkerRow:
     restarts: int
     tasks_done: int
     queued: int
+    steals: int = 0  # tasks this worker took from others' queues
+    idle: bool = False  # blocked on its inbox with nothing to do
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -204,7 +209,49 @@ class ControlBlock:
             restarts=int(w[self._w(index, _W_RESTARTS)]),
             tasks_done=int(w[self._w(index, _W_DONE)]),
             queued=int(w[self._w(index, _W_QUEUED)]),
+            steals=int(w[self._w(index, _W_STEALS)]),
+            idle=bool(w[self._w(index, _W_IDLE)]),
         )
+
+    # ---- Work stealing (kernel/scheduler.py) ----
+
+    def queued(self, index: int) -> int:
+        """Worker ``index``'s last published queue depth (a hint)."""
+        return int(self._words[self._w(index, _W_QUEUED)])
+
+    def set_queued(self, index: int, queued: int) -> None:
+        """The worker only."""
+        self._words[self._w(index, _W_QUEUED)] = queued
+
+    def busy(self, index: int) -> bool:
+        """Whether worker ``index`` is running a task now (a hint)."""
+        return bool(self._words[self._w(index, _W_CUR_CLIENT)])
+
+    def idle(self, index: int) -> bool:
+        """Whether worker ``index`` is blocked with nothing to do (a hint)."""
+        return bool(self._words[self._w(index, _W_IDLE)])
+
+    def set_idle(self, index: int, idle: bool) -> None:
+        """The worker only."""
+        self._words[self._w(index, _W_IDLE)] = int(idle)
+
+    def add_steals(self, index: int, n: int) -> None:
+        """The worker only: count tasks it stole."""
+        self._words[self._w(index, _W_STEALS)] += n
+
+    def request_steal(self, thief: int, victim: int) -> int:
+        """The thief only: publish a request to ``victim``; returns its sequence number.
+        The caller then posts the victim's steal bell, which orders these writes."""
+        w = self._words
+        seq = int(w[self._w(thief, _W_STEAL_SEQ)]) + 1
+        w[self._w(thief, _W_STEAL_FROM)] = victim + 1
+        w[self._w(thief, _W_STEAL_SEQ)] = seq
+        return seq
+
+    def steal_request(self, thief: int) -> tuple[int, int]:
+        """(victim, sequence) of worker ``thief``'s latest request; victim -1 if none."""
+        w = self._words
+        return int(w[self._w(thief, _W_STEAL_FROM)]) - 1, int(w[self._w(thief, _W_STEAL_SEQ)])
 
     def count_done(self, index: int, n: int, queued: int) -> None:
         """The worker only: add ``n`` finished tasks and publish its queue depth."""

@@ -10,8 +10,9 @@ the cyclic garbage collector nothing.
 - *Calls*: ``RunTask`` (client -> worker), answered by ``TaskDone`` or ``TaskError``
   (worker -> client).
 - *Casts*: ``CancelRun`` (client -> worker), ``StopWorker`` (supervisor -> worker),
-  ``Wake`` (a client to its own receiver thread).
-- *Info*: ``WorkerLost`` (supervisor -> every client).
+  ``Wake`` (to a client's own receiver thread, or to an idle worker), ``StealReply``
+  (victim worker -> thief worker).
+- *Info*: ``WorkerLost`` (supervisor -> every client), ``TasksMoved`` (victim -> client).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ __all__ = [
     "ErrorKind",
     "KernelMessage",
     "RunTask",
+    "StealReply",
     "StopWorker",
     "TaskDone",
     "TaskError",
+    "TasksMoved",
     "Wake",
     "WorkerLost",
     "decode_frames",
@@ -89,10 +92,29 @@ class StopWorker(msgspec.Struct, frozen=True, tag=202, array_like=True, gc=False
 
 
 class Wake(msgspec.Struct, frozen=True, tag=205, array_like=True, gc=False):
-    """Cast: a client wakes its own receiver thread (to stop it); no payload."""
+    """Cast: wakes a blocked reader. A client to its own receiver thread (to stop it); a
+    client or worker to an idle worker: work is queued elsewhere, try to steal."""
+
+
+class StealReply(msgspec.Struct, frozen=True, tag=206, array_like=True, gc=False):
+    """Cast: a victim's answer to a steal request, after the ``count`` ``RunTask``s it
+    forwarded on the same lane (kernel/scheduler.py)."""
+
+    victim: int  #: the worker that gave
+    seq: int  #: the request's sequence number
+    count: int  #: tasks forwarded; 0 if it had none to spare
 
 
 # ---- Info ----
+
+
+class TasksMoved(msgspec.Struct, frozen=True, tag=207, array_like=True, gc=False):
+    """Info: a victim gave these tasks of the client to worker ``worker`` (generation
+    ``generation``), which now runs them and replies (kernel/scheduler.py)."""
+
+    worker: int  #: the thief's index
+    generation: int  #: the thief's generation
+    task_ids: list[int]  #: the client's task ids that moved
 
 
 class WorkerLost(msgspec.Struct, frozen=True, tag=203, array_like=True, gc=False):
@@ -106,7 +128,17 @@ class WorkerLost(msgspec.Struct, frozen=True, tag=203, array_like=True, gc=False
     running_task: int  #: this client's task the worker was running, or -1
 
 
-KernelMessage = RunTask | TaskDone | TaskError | CancelRun | StopWorker | Wake | WorkerLost
+KernelMessage = (
+    RunTask
+    | TaskDone
+    | TaskError
+    | CancelRun
+    | StopWorker
+    | Wake
+    | WorkerLost
+    | StealReply
+    | TasksMoved
+)
 
 #: Tag number -> envelope type, for the kernel's own messages (``ipc`` owns 1-199).
 KERNEL_TAGS: Final[dict[int, type[KernelMessage]]] = {
@@ -116,6 +148,8 @@ KERNEL_TAGS: Final[dict[int, type[KernelMessage]]] = {
     203: WorkerLost,
     204: TaskError,
     205: Wake,
+    206: StealReply,
+    207: TasksMoved,
 }
 for _tag, _cls in KERNEL_TAGS.items():
     assert _cls.__struct_config__.tag == _tag, (_cls, _tag)

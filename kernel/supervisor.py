@@ -58,6 +58,8 @@ import signal
 import time
 from typing import TYPE_CHECKING, Final
 
+import posix_ipc
+
 from ipc import (
     Arena,
     Instance,
@@ -73,12 +75,11 @@ from ipc import (
 from . import proc
 from .control import KernelState
 from .messages import StopWorker, WorkerLost, encode
+from .scheduler import steal_bell, worker_ring
 from .worker import Worker
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    import posix_ipc
 
     from ipc import RingReader
 
@@ -108,11 +109,6 @@ class RestartPolicy:
     max_restarts: int = 10
     within_s: float = 5.0
     shutdown_timeout_s: float = 5.0
-
-
-def worker_ring(index: int, generation: int) -> str:
-    """Name of the inbox ring of worker ``index``'s ``generation``-th process."""
-    return f"to_w{index:02d}.{generation}"
 
 
 @dataclasses.dataclass
@@ -149,7 +145,9 @@ class Supervisor:
         self._arena = arena
         self._policy = policy or RestartPolicy()
         self._pin = pin
-        self._lanes = control.max_clients + 1
+        # Lanes: every client, the supervisor, and every worker twice (stolen tasks and
+        # hints; a replacement claims a lane before its predecessor's is reaped).
+        self._lanes = control.max_clients + 1 + 2 * control.workers
         self._children = [_Child(i) for i in range(control.workers)]
         self._restarts: collections.deque[float] = collections.deque()
         self._client_writers: dict[int, tuple[int, RingWriter]] = {}
@@ -175,10 +173,12 @@ class Supervisor:
         writer, reader = open_ring(
             self._instance, name, lanes=self._lanes, slots=INBOX_SLOTS, slot_bytes=INBOX_SLOT_BYTES
         )
+        bell = self._instance.create_semaphore(steal_bell(child.index, child.generation), 0)
+        bell.close()  # the worker and thieves open it by name; _retire_ring unlinks it
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the worker process; it never returns
-            self._worker_main(child.index, reader, parent)
+            self._worker_main(child.index, child.generation, reader, parent)
         reader.close()  # only unmaps: this process never read it
         child.pid, child.writer = pid, writer
         child.pidfd = os.pidfd_open(pid)
@@ -189,7 +189,7 @@ class Supervisor:
                 child.core = core
         self._control.set_worker(child.index, pid, child.generation, child.core)
 
-    def _worker_main(self, index: int, reader: RingReader, parent: int) -> None:
+    def _worker_main(self, index: int, generation: int, reader: RingReader, parent: int) -> None:
         code = 1
         try:
             private = [self._wake_r, self._wake_w] + [c.pidfd for c in self._children]
@@ -201,7 +201,7 @@ class Supervisor:
             )
             if self._pin:
                 proc.pin(index)
-            worker = Worker(index, self._instance, self._control, reader, self._arena)
+            worker = Worker(index, self._instance, self._control, reader, self._arena, generation)
             code = worker.run()
         except BaseException:
             log.exception("[PID %d] worker w%02d crashed", os.getpid(), index)
@@ -298,6 +298,10 @@ class Supervisor:
                 child.writer.close()
             child.writer = None
         unlink_ring(self._instance, worker_ring(child.index, child.generation))
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_semaphore(
+                self._instance.name(steal_bell(child.index, child.generation))
+            )
 
     def _notify_lost(
         self, child: _Child, pid: int, code: int, running_client: int, running_task: int

@@ -44,7 +44,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Final, cast
 
+import msgspec
 import numpy as np
+import posix_ipc
 
 from ipc import (
     CodecError,
@@ -53,7 +55,9 @@ from ipc import (
     IPCError,
     RingClosedError,
     RingEmpty,
+    RingFull,
     RingWriter,
+    SegmentError,
 )
 
 from .errors import TaskTimeout
@@ -61,12 +65,16 @@ from .messages import (
     CancelRun,
     ErrorKind,
     RunTask,
+    StealReply,
     StopWorker,
     TaskDone,
     TaskError,
+    TasksMoved,
+    Wake,
     decode_frames,
     encode,
 )
+from .scheduler import STEAL_WAIT_S, pick_victim, split_for_thief, steal_bell, worker_ring
 from .shipping import ShippingError, TaskFunction, dumps, load_function, loads, pack_exception
 
 if TYPE_CHECKING:
@@ -128,8 +136,10 @@ class Worker:
         control: ControlBlock,
         inbox: RingReader,
         arena: Arena | None,
+        generation: int = 0,
     ) -> None:
         self.index = index
+        self.generation = generation
         self._log = logging.getLogger(f"astra.worker.w{index:02d}")
         self._instance = instance
         self._control = control
@@ -157,12 +167,29 @@ class Worker:
         self._loop_thread: threading.Thread | None = None
         self._async: dict[_Key, concurrent.futures.Future[None]] = {}
         self._count_lock = threading.Lock()
+        # Work stealing (kernel/scheduler.py). The heap and its sets are shared with the
+        # responder thread under _heap_lock; the inbox is read under _inbox_lock.
+        self._heap_lock = threading.Lock()
+        self._inbox_lock = threading.Lock()
+        self._fn_src: dict[bytes, bytes] = {}  # every function shipped here, for thieves
+        self._peers: dict[int, tuple[int, RingWriter]] = {}  # worker -> (generation, writer)
+        self._peer_lock = threading.Lock()
+        self._bells: dict[tuple[int, int], posix_ipc.Semaphore] = {}  # victims' bells
+        self._served: dict[int, int] = {}  # thief -> last request sequence served
+        self._steal_pending: tuple[int, int] | None = None  # (victim, seq) asked, unanswered
+        self._steal_dry = False  # the last answer gave nothing: wait for a hint
+        self._hinted = False  # a Wake arrived: work waits somewhere
+        self._hint_at: dict[int, float] = {}  # idle worker -> when we last woke it
+        self._responder: threading.Thread | None = None
+        self._bell: posix_ipc.Semaphore | None = None
+        self._responder_stop = False
 
     # ---- Main loop (protocol steps 1 and 4) ----
 
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
         signal.signal(signal.SIGALRM, self._on_alarm)
+        self._start_responder()
         try:
             while not self._stop_now:
                 frames = self._next_frames()
@@ -191,34 +218,68 @@ class Worker:
                 return frames
             self._wait_async()
             return None
-        return self._recv(timeout=None)
+        return self._idle_frames()
+
+    def _idle_frames(self) -> list[bytes] | None:
+        """Nothing queued: steal from a busy worker, or block until a frame comes."""
+        frames = self._recv(timeout=0.0)
+        if frames is None or frames:
+            return frames
+        control = self._control
+        stealing = control.workers > 1
+        if stealing and not self._steal_dry:
+            hinted, self._hinted = self._hinted, False
+            victim = pick_victim(control, self.index, busy_too=hinted)
+            if victim >= 0 and self._ask(victim):
+                return self._recv(timeout=STEAL_WAIT_S)  # its tasks, then its reply
+        self._steal_dry = False
+        control.set_idle(self.index, True)
+        try:
+            if stealing and pick_victim(control, self.index) >= 0:
+                return []  # work appeared as we went idle: go round and ask
+            return self._recv(timeout=None)
+        finally:
+            control.set_idle(self.index, False)
 
     def _recv(self, timeout: float | None) -> list[bytes] | None:
-        try:
-            return self._inbox.recv_many(1024, timeout=timeout)
-        except RingEmpty:
-            return []
-        except RingClosedError:
-            return None
+        with self._inbox_lock:
+            try:
+                return self._inbox.recv_many(1024, timeout=timeout)
+            except RingEmpty:
+                return []
+            except RingClosedError:
+                return None
 
     def _handle(self, frames: list[bytes]) -> None:
-        for msg in decode_frames(frames):
-            if isinstance(msg, RunTask):
-                if msg.fn is not None and msg.fn_key not in self._fns:
-                    # Learn the function on arrival: a task queued ahead may need it.
-                    self._fn_bytes[msg.fn_key] = msg.fn
-                self._seq += 1
-                heapq.heappush(self._heap, (-msg.priority, self._seq, msg))
-                self._queued.add((msg.client, msg.task_id))
-            elif isinstance(msg, CancelRun):
-                self._cancel((msg.client, msg.task_id))
-            elif isinstance(msg, StopWorker):
-                self._draining = True
-                self._stop_now |= not msg.drain
-            elif isinstance(msg, CodecError):
-                self._log.error("[PID %d] dropped a bad frame: %s", os.getpid(), msg)
-            else:
-                self._log.error("[PID %d] unexpected message %r", os.getpid(), msg)
+        """Handle inbox frames (main thread, or the responder draining before it gives)."""
+        with self._heap_lock:
+            for msg in decode_frames(frames):
+                if isinstance(msg, RunTask):
+                    if msg.fn is not None:
+                        self._fn_src[msg.fn_key] = msg.fn
+                        if msg.fn_key not in self._fns:
+                            # Learn the function on arrival: a task queued ahead may need it.
+                            self._fn_bytes[msg.fn_key] = msg.fn
+                    self._seq += 1
+                    heapq.heappush(self._heap, (-msg.priority, self._seq, msg))
+                    self._queued.add((msg.client, msg.task_id))
+                elif isinstance(msg, CancelRun):
+                    self._cancel((msg.client, msg.task_id))
+                elif isinstance(msg, StealReply):
+                    self._on_steal_reply(msg)
+                elif isinstance(msg, Wake):
+                    self._hinted = True
+                elif isinstance(msg, StopWorker):
+                    self._draining = True
+                    self._stop_now |= not msg.drain
+                elif isinstance(msg, CodecError):
+                    self._log.error("[PID %d] dropped a bad frame: %s", os.getpid(), msg)
+                else:
+                    self._log.error("[PID %d] unexpected message %r", os.getpid(), msg)
+            depth = len(self._heap)
+            self._control.set_queued(self.index, depth)
+        if depth >= 2:
+            self._hint_idle()
 
     def _cancel(self, key: _Key) -> None:
         cfut = self._async.get(key)
@@ -229,15 +290,167 @@ class Worker:
         # else it ran already (or its RunTask is still on the way): the client drops the
         # result of a cancelled future
 
+    # ---- Work stealing (kernel/scheduler.py) ----
+
+    def _start_responder(self) -> None:
+        if self._control.workers < 2:
+            return
+        try:
+            self._bell = self._instance.open_semaphore(steal_bell(self.index, self.generation))
+        except (SegmentError, PermissionError):
+            self._log.warning("[PID %d] no steal bell: not giving work away", os.getpid())
+            return
+        self._responder = threading.Thread(
+            target=self._respond_loop, name="astra-steal", daemon=True
+        )
+        self._responder.start()
+
+    def _respond_loop(self) -> None:
+        """The responder thread: blocks on our bell; serves the thieves that rang it."""
+        bell = self._bell
+        assert bell is not None
+        while True:
+            bell.acquire()
+            if self._responder_stop:
+                return
+            for thief in range(self._control.workers):
+                if thief == self.index:
+                    continue
+                victim, seq = self._control.steal_request(thief)
+                if victim == self.index and seq > self._served.get(thief, 0):
+                    self._served[thief] = seq
+                    try:
+                        self._give(thief, seq)
+                    except Exception:  # a bug here must not stop the worker
+                        self._log.exception("[PID %d] steal for w%02d failed", os.getpid(), thief)
+
+    def _give(self, thief: int, seq: int) -> None:
+        """Forward the first half of our queue to ``thief`` (protocol step 3)."""
+        if self._inbox_lock.acquire(blocking=False):  # else the main thread reads: idle
+            try:
+                frames = self._inbox.recv_many(1024, timeout=0)
+            except (RingEmpty, RingClosedError):
+                frames = []
+            finally:
+                self._inbox_lock.release()
+            if frames:
+                self._handle(frames)
+        with self._heap_lock:
+            taken = [] if self._draining else split_for_thief(self._heap)
+            msgs = []
+            for _, _, msg in taken:
+                key = (msg.client, msg.task_id)
+                self._queued.discard(key)
+                if key in self._cancelled:
+                    self._cancelled.discard(key)
+                else:
+                    msgs.append(msg)
+            self._control.set_queued(self.index, len(self._heap))
+        generation = self._control.worker_generation(thief)
+        frames = []
+        with_fn: set[bytes] = set()
+        for msg in msgs:
+            fn = None
+            if msg.fn_key not in with_fn:
+                with_fn.add(msg.fn_key)
+                fn = self._fn_src.get(msg.fn_key)
+            frames.append(encode(msgspec.structs.replace(msg, fn=fn)))
+        frames.append(encode(StealReply(self.index, seq, len(msgs))))
+        sent = 0
+        writer = self._peer(thief, generation)
+        if writer is not None:
+            try:
+                sent = min(writer.send_many(frames, timeout=STEAL_WAIT_S), len(msgs))
+            except RingFull as exc:
+                sent = min(exc.sent, len(msgs))
+            except RingClosedError:
+                sent = 0  # the thief is gone; whatever reached it is re-run via WorkerLost
+        if sent < len(msgs):
+            self._take_back(msgs[sent:])
+        moved: dict[tuple[int, int], list[int]] = {}
+        for msg in msgs[:sent]:
+            moved.setdefault((msg.client, msg.client_gen), []).append(msg.task_id)
+        for (client, client_gen), ids in moved.items():
+            self._send(client, client_gen, [encode(TasksMoved(thief, generation, ids))])
+
+    def _take_back(self, msgs: list[RunTask]) -> None:
+        with self._heap_lock:
+            for msg in msgs:
+                self._seq += 1
+                heapq.heappush(self._heap, (-msg.priority, self._seq, msg))
+                self._queued.add((msg.client, msg.task_id))
+            self._control.set_queued(self.index, len(self._heap))
+
+    def _peer(self, index: int, generation: int) -> RingWriter | None:
+        """Our writer into worker ``index``'s inbox (its current generation)."""
+        with self._peer_lock:
+            held = self._peers.get(index)
+            if held is not None and held[0] == generation:
+                return held[1]
+            if held is not None:
+                with contextlib.suppress(IPCError, OSError):
+                    held[1].close()
+                del self._peers[index]
+            try:
+                writer = RingWriter.attach(self._instance, worker_ring(index, generation))
+            except (IPCError, OSError):
+                return None
+            self._peers[index] = (generation, writer)
+            return writer
+
+    def _ask(self, victim: int) -> bool:
+        """Ring ``victim``'s bell with a request in our row (protocol step 2)."""
+        generation = self._control.worker_generation(victim)
+        bell = self._bells.get((victim, generation))
+        if bell is None:
+            for key in [k for k in self._bells if k[0] == victim]:
+                self._bells.pop(key).close()
+            try:
+                bell = self._instance.open_semaphore(steal_bell(victim, generation))
+            except (SegmentError, PermissionError):
+                return False
+            self._bells[(victim, generation)] = bell
+        seq = self._control.request_steal(self.index, victim)
+        self._steal_pending = (victim, seq)
+        bell.release()
+        return True
+
+    def _on_steal_reply(self, msg: StealReply) -> None:
+        if self._steal_pending == (msg.victim, msg.seq):
+            self._steal_pending = None
+        if msg.count:
+            self._control.add_steals(self.index, msg.count)
+        self._steal_dry = msg.count == 0
+
+    def _hint_idle(self) -> None:
+        """Two or more queued here: wake an idle worker so it steals (protocol step 4)."""
+        control = self._control
+        now = time.monotonic()
+        for index in range(control.workers):
+            if index == self.index or not control.idle(index):
+                continue
+            if now - self._hint_at.get(index, 0.0) < POLL_INTERVAL_S:
+                continue
+            self._hint_at[index] = now
+            writer = self._peer(index, control.worker_generation(index))
+            if writer is not None:
+                with contextlib.suppress(IPCError):
+                    writer.send_nowait(encode(Wake()))
+            return  # one thief per hint; it takes half, and hints again if need be
+
     # ---- Running one task (protocol step 2) ----
 
     def _run_one(self) -> None:
-        _, _, msg = heapq.heappop(self._heap)
-        key = (msg.client, msg.task_id)
-        self._queued.discard(key)
-        if key in self._cancelled:
-            self._cancelled.discard(key)
-            return
+        with self._heap_lock:
+            if not self._heap:
+                return  # a thief took the rest
+            _, _, msg = heapq.heappop(self._heap)
+            key = (msg.client, msg.task_id)
+            self._queued.discard(key)
+            self._control.set_queued(self.index, len(self._heap))
+            if key in self._cancelled:
+                self._cancelled.discard(key)
+                return
         if not self._control.slot_current(msg.client, msg.client_gen):
             return  # the client left or died: nobody wants the result
         prepared = self._prepare(msg)
@@ -463,6 +676,18 @@ class Worker:
                 link.close()
 
     def _shutdown(self) -> None:
+        if self._responder is not None and self._bell is not None:
+            self._responder_stop = True
+            self._bell.release()
+            self._responder.join(timeout=1.0)
+        with self._peer_lock:
+            for _, writer in self._peers.values():
+                with contextlib.suppress(IPCError, OSError):
+                    writer.close()
+            self._peers.clear()
+        for bell in (*self._bells.values(), *([self._bell] if self._bell else [])):
+            with contextlib.suppress(posix_ipc.Error):
+                bell.close()
         with contextlib.suppress(Exception):
             self._flush()
         if self._loop is not None:

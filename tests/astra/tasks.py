@@ -120,3 +120,9 @@ def until_cancelled(marker):
         time.sleep(0.005)
     pathlib.Path(marker).write_text("stopped")
     return "stopped"
+
+
+def sleep_pid(s):
+    """Sleep ``s`` seconds; return the pid of the worker that ran it."""
+    time.sleep(s)
+    return os.getpid()

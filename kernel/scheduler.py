@@ -1,0 +1,120 @@
+"""Work stealing between workers: message-based, with a responder thread in each victim.
+
+Each worker owns a queue of ready tasks (a heap ordered by priority, then arrival: its
+"deque"). Clients place a task on the less loaded of two workers, or on the worker that
+holds its inputs (``submit(..., worker=)`` is the explicit form of that hint). When a worker
+runs dry it steals from a busy one:
+
+1. *Pick a victim.* The thief reads the ``queued`` hints of the other workers' control rows
+   and picks the largest. If none shows queued work, it marks itself ``idle`` in its row,
+   checks once more (so that a victim that published work just before cannot be missed for
+   long), and blocks on its inbox ring: an idle worker costs nothing.
+2. *Ask.* The thief writes ``steal_from`` and a new ``steal_seq`` into its *own* row (one
+   writer each) and posts the victim's *steal bell*, a POSIX semaphore ``steal_wNN.<gen>``
+   created by the supervisor beside the victim's inbox ring. The post orders the row writes
+   before the victim's wait returns (NOTES.md: semaphores order memory).
+3. *Give.* In the victim, a responder thread blocks on its bell (no CPU while nobody asks).
+   Woken, it scans the rows for requests addressed to it with a sequence it has not served,
+   and under the victim's queue lock: drains the victim's inbox ring into the queue (tasks
+   that arrived while the main thread runs a long task count too), takes the first half
+   (rounded up) of the queue in the order the victim would run them (highest priority
+   first, then oldest), forwards those ``RunTask`` frames to the thief's inbox ring, with
+   the pickled function attached to the first task of each function, then sends
+   ``StealReply(count)`` on the same lane, and finally tells each affected client
+   ``TasksMoved`` so that a later death of the thief re-sends them. The thief reads the
+   tasks, then the reply, and goes on.
+4. *Hint.* A worker whose queue grows to two or more while another worker is idle, and a
+   client that pins work to a busy worker, send the idle one a ``Wake``: it then tries a
+   steal even if the ``queued`` hints have not caught up yet.
+
+Why messages and not a shared deque with a lock: a lock word in shared memory held by a
+process killed with SIGKILL stays held (NOTES.md); an OFD lock would be released, but every
+pop would then cost a system call. Here no process ever waits on another one's lock: the
+queue lock is a ``threading.Lock`` private to the victim, and a thread of the victim does
+the giving. The responder runs whenever the victim's main thread releases the GIL (any
+blocking call, or every ``sys.getswitchinterval()``, 5 ms, in pure Python code), so a victim
+busy with a long task still gives within milliseconds. A task in C code that holds the GIL
+delays the answer until it returns.
+
+Crashes. A thief that dies before it reads the forwarded tasks: the victim already told the
+clients ``TasksMoved``, so the thief's ``WorkerLost`` makes them re-send the tasks. A victim
+that dies after forwarding and before ``TasksMoved``: the clients still think the tasks were
+on the victim and re-send them, so they may run twice (at-least-once, as for any task a
+worker death interrupts; the client keeps the first result). A request to a victim that
+dies is never answered: the thief waits ``STEAL_WAIT_S`` and goes on.
+
+Placement and memory. A ready task sits in its worker's heap as its ``RunTask`` (about 100
+bytes plus its pickled arguments) plus a heap entry (a 3-tuple, 64 bytes). The client keeps
+a ``_Task`` and a ``Future`` per submitted task; ``Client.run`` of a ``Graph`` keeps each
+not-yet-submitted node in a compact record instead (see astra/_graph.py for its bytes per
+pending node).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "STEAL_WAIT_S",
+    "pick_victim",
+    "split_for_thief",
+    "steal_bell",
+    "worker_ring",
+]
+
+import heapq
+import os
+from typing import TYPE_CHECKING, Final, TypeVar
+
+if TYPE_CHECKING:
+    from .control import ControlBlock
+
+M = TypeVar("M")
+#: A heap entry of a worker's queue: (-priority, arrival sequence, message).
+Entry = tuple[int, int, M]
+
+#: Longest a thief waits for a victim's ``StealReply`` before it gives up on that request.
+STEAL_WAIT_S: Final = float(os.getenv("ASTRA_STEAL_WAIT_S", "0.05"))
+
+
+def worker_ring(index: int, generation: int) -> str:
+    """Name of the inbox ring of worker ``index``'s ``generation``-th process."""
+    return f"to_w{index:02d}.{generation}"
+
+
+def steal_bell(index: int, generation: int) -> str:
+    """Name of the steal bell semaphore of worker ``index``'s ``generation``-th process."""
+    return f"steal_w{index:02d}.{generation}"
+
+
+def pick_victim(control: ControlBlock, me: int, *, busy_too: bool = False) -> int:
+    """The other worker with the most queued tasks (by the hints in the control block), or
+    -1 if none shows any. With ``busy_too``, a worker running a task with nothing queued
+    is a candidate as well (its inbox may hold tasks its main thread has not read yet)."""
+    best, best_n = -1, 0
+    for index in range(control.workers):
+        if index == me:
+            continue
+        n = control.queued(index)
+        if n > best_n:
+            best, best_n = index, n
+    if best < 0 and busy_too:
+        for index in range(control.workers):
+            if index != me and control.busy(index):
+                return index
+    return best
+
+
+def split_for_thief(heap: list[Entry[M]]) -> list[Entry[M]]:
+    """Remove and return the first half (rounded up) of ``heap`` in pop order: the tasks a
+    thief takes (highest priority first, then oldest). ``heap`` stays a valid heap."""
+    if not heap:
+        return []
+    k = (len(heap) + 1) // 2
+    if k == len(heap):
+        taken = sorted(heap)
+        heap.clear()
+        return taken
+    taken = heapq.nsmallest(k, heap)
+    rest = heapq.nlargest(len(heap) - k, heap)
+    heap[:] = rest
+    heapq.heapify(heap)
+    return taken

@@ -5,7 +5,9 @@ Each worker owns a queue of ready tasks (a heap ordered by priority, then arriva
 holds its inputs (``submit(..., worker=)`` is the explicit form of that hint). When a worker
 runs dry it steals from a busy one:
 
-1. *Pick a victim.* The thief reads the ``queued`` hints of the other workers' control rows
+1. *Pick a victim.* After ``STEAL_DELAY_S`` with nothing in its own inbox (a client may be
+   between two batches: stealing at once made busy workers trade tiny tasks back and
+   forth), the thief reads the ``queued`` hints of the other workers' control rows
    and picks the largest. If none shows queued work, it marks itself ``idle`` in its row,
    checks once more (so that a victim that published work just before cannot be missed for
    long), and blocks on its inbox ring: an idle worker costs nothing.
@@ -53,6 +55,7 @@ pending node).
 from __future__ import annotations
 
 __all__ = [
+    "STEAL_DELAY_S",
     "STEAL_WAIT_S",
     "pick_victim",
     "split_for_thief",
@@ -71,6 +74,8 @@ M = TypeVar("M")
 #: A heap entry of a worker's queue: (-priority, arrival sequence, message).
 Entry = tuple[int, int, M]
 
+#: How long a worker that ran dry waits for its own work before it steals.
+STEAL_DELAY_S: Final = float(os.getenv("ASTRA_STEAL_DELAY_S", "0.001"))
 #: Longest a thief waits for a victim's ``StealReply`` before it gives up on that request.
 STEAL_WAIT_S: Final = float(os.getenv("ASTRA_STEAL_WAIT_S", "0.05"))
 

@@ -74,7 +74,14 @@ from .messages import (
     decode_frames,
     encode,
 )
-from .scheduler import STEAL_WAIT_S, pick_victim, split_for_thief, steal_bell, worker_ring
+from .scheduler import (
+    STEAL_DELAY_S,
+    STEAL_WAIT_S,
+    pick_victim,
+    split_for_thief,
+    steal_bell,
+    worker_ring,
+)
 from .shipping import ShippingError, TaskFunction, dumps, load_function, loads, pack_exception
 
 if TYPE_CHECKING:
@@ -228,6 +235,11 @@ class Worker:
         control = self._control
         stealing = control.workers > 1
         if stealing and not self._steal_dry:
+            # Our own clients first: one may be between batches. Stealing at once made two
+            # busy workers trade tiny tasks back and forth (thousands of steals a second).
+            frames = self._recv(timeout=STEAL_DELAY_S)
+            if frames is None or frames:
+                return frames
             hinted, self._hinted = self._hinted, False
             victim = pick_victim(control, self.index, busy_too=hinted)
             if victim >= 0 and self._ask(victim):

@@ -389,12 +389,16 @@ class Client:
         """Assign tasks to workers (each to the less loaded of two) and send them, or leave
         them in their link's batch while the worker is busy (``LOW_WATER``) unless ``now``.
         Blocks only while a worker's outbox is over ``OUTBOX_MAX`` frames."""
+        pinned = False
         with self._lock:
             touched: dict[int, _WorkerLink] = {}
             for task in tasks:
                 if task.id not in self._tasks:
                     continue  # cancelled meanwhile
-                link = self._choose() if task.pin < 0 else self._links[task.pin]
+                if task.pin < 0:
+                    link = self._choose()
+                else:
+                    link, pinned = self._links[task.pin], True
                 task.worker, task.generation = link.index, link.generation
                 task.unsent = True
                 link.inflight.add(task.id)
@@ -412,18 +416,21 @@ class Client:
             if frames:
                 self._push(link, frames)
                 if len(link.inflight) >= 2:
-                    self._hint_idle(link)
+                    self._hint_idle(link, pinned=pinned)
 
-    def _hint_idle(self, busy: _WorkerLink) -> None:
-        """``busy`` has a queue: wake an idle worker to steal from it (kernel/scheduler.py,
-        protocol step 4). Matters when tasks are pinned with ``worker=``; otherwise the
-        less-loaded-of-two choice rarely leaves a worker idle beside a queue."""
-        control = self._control
-        for link in self._links:
-            if link is not busy and control.idle(link.index):
-                with contextlib.suppress(IPCError):
-                    link.writer.send_nowait(encode(Wake()))
-                return
+    def _hint_idle(self, busy: _WorkerLink, *, pinned: bool) -> None:
+        """``busy`` has a queue: wake the worker with the least of our tasks, so that it
+        steals (kernel/scheduler.py, protocol step 4), if it has none, or (``pinned``: the
+        queue was placed with ``worker=``) fewer by two. A worker sees tasks still unread
+        in a busy worker's ring only through its ring depth at the moment it goes idle;
+        this covers the tasks that arrive after that."""
+        others = [link for link in self._links if link is not busy]
+        if not others:
+            return
+        least = min(others, key=lambda link: len(link.inflight))
+        if not least.inflight or (pinned and len(least.inflight) + 1 < len(busy.inflight)):
+            with contextlib.suppress(IPCError):
+                least.writer.send_nowait(encode(Wake()))
 
     def _take_unsent(self, link: _WorkerLink) -> list[bytes]:
         """Encode ``link``'s batch and empty it (client lock held)."""

@@ -751,6 +751,11 @@ class RingWriter:
 
     # -- lifecycle --
 
+    def depth(self) -> int:
+        """Slots published and not yet read, over every lane (a hint: one semaphore value
+        read per lane)."""
+        return self._ring.depth()
+
     def statistics(self) -> RingStatistics:
         r = self._ring
         return RingStatistics(

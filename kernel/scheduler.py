@@ -7,10 +7,11 @@ runs dry it steals from a busy one:
 
 1. *Pick a victim.* After ``STEAL_DELAY_S`` with nothing in its own inbox (a client may be
    between two batches: stealing at once made busy workers trade tiny tasks back and
-   forth), the thief reads the ``queued`` hints of the other workers' control rows
-   and picks the largest. If none shows queued work, it marks itself ``idle`` in its row,
-   checks once more (so that a victim that published work just before cannot be missed for
-   long), and blocks on its inbox ring: an idle worker costs nothing.
+   forth), the thief reads the ``queued`` hints of the other workers' control rows, adds
+   the unread depth of each busy worker's inbox ring, and picks the largest. If none shows
+   work, it marks itself ``idle`` in its row, checks once more (so that a victim that
+   published work just before cannot be missed for long), and blocks on its inbox ring: an
+   idle worker costs nothing.
 2. *Ask.* The thief writes ``steal_from`` and a new ``steal_seq`` into its *own* row (one
    writer each) and posts the victim's *steal bell*, a POSIX semaphore ``steal_wNN.<gen>``
    created by the supervisor beside the victim's inbox ring. The post orders the row writes
@@ -25,9 +26,12 @@ runs dry it steals from a busy one:
    ``StealReply(count)`` on the same lane, and finally tells each affected client
    ``TasksMoved`` so that a later death of the thief re-sends them. The thief reads the
    tasks, then the reply, and goes on.
-4. *Hint.* A worker whose queue grows to two or more while another worker is idle, and a
-   client that pins work to a busy worker, send the idle one a ``Wake``: it then tries a
-   steal even if the ``queued`` hints have not caught up yet.
+4. *Hint.* A worker whose queue grows to two or more while another worker is idle sends
+   it a ``Wake``; so does a client that sends to a worker with a queue while another has
+   none of its tasks (or, for tasks pinned with ``worker=``, fewer by two). A woken worker
+   tries a steal even if no hint shows work yet (``busy_too``). A task that reaches a busy
+   worker's ring after a thief last looked, with no hint sent, waits for the victim's
+   current task to end (the victim then reads it, and hints).
 
 Why messages and not a shared deque with a lock: a lock word in shared memory held by a
 process killed with SIGKILL stays held (NOTES.md); an OFD lock would be released, but every
@@ -68,6 +72,8 @@ import os
 from typing import TYPE_CHECKING, Final, TypeVar
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .control import ControlBlock
 
 M = TypeVar("M")
@@ -90,15 +96,24 @@ def steal_bell(index: int, generation: int) -> str:
     return f"steal_w{index:02d}.{generation}"
 
 
-def pick_victim(control: ControlBlock, me: int, *, busy_too: bool = False) -> int:
-    """The other worker with the most queued tasks (by the hints in the control block), or
-    -1 if none shows any. With ``busy_too``, a worker running a task with nothing queued
-    is a candidate as well (its inbox may hold tasks its main thread has not read yet)."""
+def pick_victim(
+    control: ControlBlock,
+    me: int,
+    *,
+    busy_too: bool = False,
+    backlog: Callable[[int], int] | None = None,
+) -> int:
+    """The other worker with the most work waiting, or -1 if none shows any: its published
+    ``queued`` count plus, with ``backlog``, the slots unread in its inbox ring (tasks that
+    arrived while it runs a long one). With ``busy_too``, a worker running a task with
+    nothing visible waiting is a candidate as well (a hint said work is coming)."""
     best, best_n = -1, 0
     for index in range(control.workers):
         if index == me:
             continue
         n = control.queued(index)
+        if backlog is not None and control.busy(index):
+            n += backlog(index)
         if n > best_n:
             best, best_n = index, n
     if best < 0 and busy_too:

@@ -241,13 +241,13 @@ class Worker:
             if frames is None or frames:
                 return frames
             hinted, self._hinted = self._hinted, False
-            victim = pick_victim(control, self.index, busy_too=hinted)
+            victim = pick_victim(control, self.index, busy_too=hinted, backlog=self._backlog)
             if victim >= 0 and self._ask(victim):
                 return self._recv(timeout=STEAL_WAIT_S)  # its tasks, then its reply
         self._steal_dry = False
         control.set_idle(self.index, True)
         try:
-            if stealing and pick_victim(control, self.index) >= 0:
+            if stealing and pick_victim(control, self.index, backlog=self._backlog) >= 0:
                 return []  # work appeared as we went idle: go round and ask
             return self._recv(timeout=None)
         finally:
@@ -409,6 +409,11 @@ class Worker:
                 return None
             self._peers[index] = (generation, writer)
             return writer
+
+    def _backlog(self, index: int) -> int:
+        """Slots unread in worker ``index``'s inbox (0 if we cannot attach to it)."""
+        writer = self._peer(index, self._control.worker_generation(index))
+        return 0 if writer is None else writer.depth()
 
     def _ask(self, victim: int) -> bool:
         """Ring ``victim``'s bell with a request in our row (protocol step 2)."""

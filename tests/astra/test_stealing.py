@@ -41,12 +41,17 @@ def test_an_idle_worker_steals_half_of_a_pinned_queue(kernel):
 
 def test_a_high_priority_task_is_stolen_first(kernel):
     kernel.map(tasks.square, range(4))
-    blocker = kernel.submit(tasks.sleep_pid, 0.3, worker=0)
+    w1_busy = kernel.submit(tasks.sleep_pid, 0.15, worker=1)  # no stealing until it ends
+    blocker = kernel.submit(tasks.sleep_pid, 0.5, worker=0)
+    wait_until(lambda: kernel._control.busy(0) and kernel._control.busy(1), timeout_s=10)
     low = [kernel.submit(tasks.sleep_pid, 0.0, worker=0) for _ in range(3)]
     high = kernel.submit(tasks.sleep_pid, 0.0, worker=0, priority=9)
-    w0 = blocker.result(timeout=10)
-    # The thief takes the first half in run order: the priority task is in it.
-    assert high.result(timeout=10) != w0
+    w1 = w1_busy.result(timeout=10)
+    # w01 goes idle with all four queued on w00 (unread in its ring, while w00 sleeps) and
+    # takes the first half in run order: the priority task and the oldest low one.
+    assert high.result(timeout=10) == w1
+    assert low[0].result(timeout=10) == w1
+    assert blocker.result(timeout=10) != w1
     kernel.gather(low, timeout=10)
 
 

@@ -10,14 +10,17 @@ from ._client import Client as Client, cancelled as cancelled
 from ._errors import (
     AstraError as AstraError,
     AstraInternalError as AstraInternalError,
+    CycleError as CycleError,
     KernelNotRunningError as KernelNotRunningError,
     RemoteError as RemoteError,
     SerializationError as SerializationError,
     TaskTimeoutError as TaskTimeoutError,
     TooManyClientsError as TooManyClientsError,
+    UpstreamError as UpstreamError,
     WorkerCrashedError as WorkerCrashedError,
 )
 from ._future import Future as Future
+from ._graph import Graph as Graph, Node as Node
 from ._kernel import Kernel as Kernel, connect as connect
 from ._version import __version__ as __version__
 
@@ -25,13 +28,17 @@ __all__ = [
     "AstraError",
     "AstraInternalError",
     "Client",
+    "CycleError",
     "Future",
+    "Graph",
     "Kernel",
     "KernelNotRunningError",
+    "Node",
     "RemoteError",
     "SerializationError",
     "TaskTimeoutError",
     "TooManyClientsError",
+    "UpstreamError",
     "WorkerCrashedError",
     "__version__",
     "cancelled",

@@ -54,22 +54,30 @@ from kernel import (
     shipping,
     worker_ring,
 )
+from kernel.daemon import default_state_dir
+from kernel.journal import Journal
 
+from . import _deps
 from ._errors import (
     KernelNotRunningError,
     RemoteError,
     RemoteTraceback,
     SerializationError,
     TaskTimeoutError,
+    UpstreamError,
     WorkerCrashedError,
 )
 from ._future import _DONE as _FUTURE_DONE, Future
+from ._graph import META_KEY, load_graph, run_graph, save_graph
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from ipc import Arena, ArrayRef, Instance
     from kernel import ControlBlock
+    from kernel.journal import Table
+
+    from ._graph import Graph, Node
 
 T = TypeVar("T")
 
@@ -150,6 +158,8 @@ class Client:
         self._arena = arena
         self._inst = own_instance
         self._pid = os.getpid()
+        #: Where durable graphs are journaled (``<state_dir>/graphs``); None: the default.
+        self.state_dir: str | None = None
         self._lock = threading.Lock()
         # taking frames from the reply ring and handling them (re-entered by _on_worker_lost)
         self._rx_lock = threading.RLock()
@@ -300,6 +310,7 @@ class Client:
         key = self._function(fn)
         tid = next(self._ids)
         fut: Future[object] = Future(self, tid, self._future_cond)
+        fut.label = getattr(fn, "__qualname__", "") or type(fn).__qualname__
         deps = _futures_in(args, kwargs)
         packed = b"" if deps else self._pack(args, kwargs)
         task = _Task(tid, fut, key, packed, priority, timeout or 0.0, retries, deferred=bool(deps))
@@ -349,39 +360,127 @@ class Client:
         args: tuple[object, ...],
         kwargs: dict[str, object],
     ) -> None:
-        """Send ``task`` once every dependency is done (a client-side DAG edge)."""
+        """Send ``task`` once every dependency is done (a client-side DAG edge), to the
+        worker that produced the first of them unless that one is busy (locality). A failed
+        dependency fails it with ``UpstreamError``; a cancelled one cancels it."""
         remaining = [len(deps)]
         lock = threading.Lock()
+        future_cls = concurrent.futures.Future
 
         def resolve(v: object) -> object:
-            return v.result() if isinstance(v, concurrent.futures.Future) else v
+            return v.result()  # type: ignore[attr-defined]
 
         def on_done(_: concurrent.futures.Future[object]) -> None:
             with lock:
                 remaining[0] -= 1
                 if remaining[0]:
                     return
-            failed = next((d for d in deps if d.cancelled() or d.exception()), None)
+            if any(d.cancelled() for d in deps):
+                task.future.cancel()  # the subgraph below a cancelled task goes with it
+                return
+            failed = next((d for d in deps if d.exception() is not None), None)
             if failed is not None:
-                exc = (
-                    concurrent.futures.CancelledError("a dependency was cancelled")
-                    if failed.cancelled()
-                    else failed.exception()
-                )
-                assert exc is not None
-                self._finish(task.id, exc=exc)
+                self._finish(task.id, exc=_upstream(failed))
                 return
             try:
                 task.args = self._pack(
-                    tuple(resolve(a) for a in args), {k: resolve(v) for k, v in kwargs.items()}
+                    tuple(_deps.substitute(a, future_cls, resolve) for a in args),
+                    {k: _deps.substitute(v, future_cls, resolve) for k, v in kwargs.items()},
                 )
             except SerializationError as exc:
                 self._finish(task.id, exc=exc)
                 return
+            near = getattr(deps[0], "worker", -1)
+            if task.pin < 0 and near >= 0:
+                link = self._links[near]
+                if len(link.inflight) < LOW_WATER:
+                    task.pin = near
             self._queue_send([task])
 
         for dep in deps:
             dep.add_done_callback(on_done)
+
+    # ---- Graphs ----
+
+    def run(
+        self,
+        graph: Graph,
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        durable: bool = False,
+        name: str | None = None,
+        state_dir: str | None = None,
+    ) -> dict[Node, object]:
+        """Run every node of ``graph``; returns ``{node: result}``. Blocks.
+
+        A failing node fails the nodes below it with ``UpstreamError``; the other branches
+        run to the end, then the first root failure is raised, or, with
+        ``return_exceptions``, every failed node maps to its exception. Raises
+        ``CycleError`` before running anything if the graph has a cycle, ``TimeoutError``
+        after ``timeout`` seconds.
+
+        ``durable=True`` (with ``name``) journals each result in LMDB under
+        ``<state_dir>/graphs``; a later ``run`` of the same named graph, or
+        ``resume(name)``, runs only the nodes without a journaled result (astra/_graph.py).
+        """
+        if not durable:
+            return run_graph(
+                self, graph, timeout=timeout, return_exceptions=return_exceptions,
+                journal=None, jenv=None,
+            )  # fmt: skip
+        if not name:
+            raise ValueError("a durable graph needs a name=")
+        graph._check_durable()
+        jenv, table = self._graph_journal(name, state_dir)
+        try:
+            table.put(META_KEY, save_graph(graph))
+            return run_graph(
+                self, graph, timeout=timeout, return_exceptions=return_exceptions,
+                journal=table, jenv=jenv,
+            )  # fmt: skip
+        finally:
+            jenv.close()
+
+    def resume(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        state_dir: str | None = None,
+    ) -> dict[Node, object]:
+        """Finish the durable graph ``name`` (saved by an earlier ``run(..., durable=True)``):
+        only nodes without a journaled result run. Raises ``KeyError`` if there is none."""
+        jenv, table = self._graph_journal(name, state_dir)
+        try:
+            data = table.get(META_KEY)
+            if data is None:
+                raise KeyError(f"no durable graph named {name!r}")
+            graph = load_graph(data)
+            return run_graph(
+                self, graph, timeout=timeout, return_exceptions=return_exceptions,
+                journal=table, jenv=jenv,
+            )  # fmt: skip
+        finally:
+            jenv.close()
+
+    def forget(self, name: str, *, state_dir: str | None = None) -> bool:
+        """Drop the journal of durable graph ``name``; False if there was none."""
+        jenv, table = self._graph_journal(name, state_dir)
+        try:
+            keys = [k for k, _ in table.scan()]
+            with jenv.batch() as b:
+                for key in keys:
+                    b.delete(table, key)
+            return bool(keys)
+        finally:
+            jenv.close()
+
+    def _graph_journal(self, name: str, state_dir: str | None) -> tuple[Journal, Table]:
+        root = state_dir or self.state_dir or default_state_dir()
+        jenv = Journal.open(os.path.join(root, "graphs"))
+        return jenv, jenv.table(f"graph:{name}")
 
     # ---- Sending ----
 
@@ -666,6 +765,7 @@ class Client:
                 if task is not None:
                     if task.worker >= 0:
                         links[task.worker].inflight.discard(task_id)
+                    task.future.worker = task.worker
                     finished.append((task.future, value))
         Future._set_results(self._future_cond, finished)
 
@@ -759,6 +859,7 @@ class Client:
             task = self._tasks.pop(task_id, None)
             if task is not None and task.worker >= 0:
                 self._links[task.worker].inflight.discard(task_id)
+                task.future.worker = task.worker
         if task is None:
             return  # cancelled, or a duplicate after a re-run
         with contextlib.suppress(concurrent.futures.InvalidStateError):
@@ -953,20 +1054,27 @@ def cancelled() -> bool:
 def _futures_in(
     args: tuple[object, ...], kwargs: dict[str, object]
 ) -> list[concurrent.futures.Future[object]]:
-    """The futures among the arguments (dependency edges); usually none, found fast."""
-    cls = concurrent.futures.Future
-    for a in args:
-        if isinstance(a, cls):
-            break
+    """The distinct futures among the arguments, at any depth (dependency edges)."""
+    found = _deps.find(args, kwargs, concurrent.futures.Future)
+    if len(found) < 2:
+        return found  # type: ignore[return-value]
+    return list({id(f): f for f in found}.values())  # type: ignore[arg-type]
+
+
+def _upstream(dep: concurrent.futures.Future[object]) -> UpstreamError:
+    """The error of a task whose dependency ``dep`` failed: names the root failure."""
+    exc = dep.exception()
+    assert exc is not None
+    if isinstance(exc, UpstreamError):
+        err = UpstreamError(str(exc), exc.root, exc.root_task)
     else:
-        if not kwargs:
-            return []
-        for v in kwargs.values():
-            if isinstance(v, cls):
-                break
-        else:
-            return []
-    return [a for a in (*args, *kwargs.values()) if isinstance(a, cls)]
+        label = getattr(dep, "label", "") or "?"
+        root_task = f"task {getattr(dep, 'task_id', '?')} ({label})"
+        err = UpstreamError(
+            f"upstream {root_task} failed: {type(exc).__name__}: {exc}", exc, root_task
+        )
+    err.__cause__ = err.root
+    return err
 
 
 def _rebuild(msg: TaskError) -> BaseException:

@@ -22,12 +22,14 @@ from __future__ import annotations
 __all__ = [
     "AstraError",
     "AstraInternalError",
+    "CycleError",
     "KernelNotRunningError",
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
     "TaskTimeoutError",
     "TooManyClientsError",
+    "UpstreamError",
     "WorkerCrashedError",
 ]
 
@@ -68,6 +70,30 @@ class SerializationError(AstraError):
     """Raised by ``submit``/``map`` when the function or an argument cannot be pickled, and
     set on a future when the worker cannot unpickle them or cannot pickle the result. The
     worker is unharmed."""
+
+
+class UpstreamError(AstraError):
+    """Set on a future whose task depended on one that failed: it never ran. ``root`` is
+    the first failure up the graph (the exception itself, also the ``__cause__``) and
+    ``root_task`` a description of the task that raised it; every task further down gets
+    an ``UpstreamError`` with the same root."""
+
+    def __init__(self, message: str, root: BaseException, root_task: str) -> None:
+        super().__init__(message)
+        self.root = root
+        self.root_task = root_task
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.root, self.root_task))
+
+
+class CycleError(AstraError, ValueError):
+    """Raised by ``run`` for a graph whose dependencies form a cycle; ``cycle`` lists the
+    nodes around it (the first repeated at the end) and the message names them."""
+
+    def __init__(self, message: str, cycle: list[object]) -> None:
+        super().__init__(message)
+        self.cycle = cycle
 
 
 class RemoteError(AstraError):

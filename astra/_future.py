@@ -59,6 +59,8 @@ class Future(concurrent.futures.Future[T]):
         self._done_callbacks: list[Callable[[concurrent.futures.Future[T]], object]] = []
         self._owner = owner
         self.task_id = task_id
+        self.label = ""  # what ran: the function's qualified name (errors name it)
+        self.worker = -1  # the worker that produced the result; -1 until then
 
     def result(self, timeout: float | None = None) -> T:
         """The task's result, waiting up to ``timeout`` seconds (None: forever). Raises the

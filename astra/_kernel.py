@@ -164,7 +164,9 @@ def connect(name: str = "default", *, state_dir: str | None = None) -> Client:
     try:
         arena = Arena.attach(kinst)
         own = Instance.create()
-        return Client(kinst, control, arena, own)
+        client = Client(kinst, control, arena, own)
+        client.state_dir = state_dir
+        return client
     except BaseException as exc:
         for obj in (own, arena, control):
             if obj is not None:

@@ -126,3 +126,20 @@ def sleep_pid(s):
     """Sleep ``s`` seconds; return the pid of the worker that ran it."""
     time.sleep(s)
     return os.getpid()
+
+
+def record(directory, key, value, delay=0.0):
+    """Count a run of ``key`` (one line per run in ``directory/key``); return ``value``."""
+    if delay:
+        time.sleep(delay)
+    with open(os.path.join(directory, str(key)), "a") as f:
+        f.write("x\n")
+    return value
+
+
+def total(*values):
+    return sum(values)
+
+
+def identity(x):
+    return x

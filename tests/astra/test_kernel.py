@@ -163,9 +163,15 @@ def test_a_future_argument_is_a_dependency(kernel):
     b = kernel.submit(tasks.add, a, 1)
     c = kernel.submit(tasks.add, a, b=b)
     assert c.result(timeout=10) == 19
-    failed = kernel.submit(tasks.add, kernel.submit(tasks.boom, "dep"), 1)
-    with pytest.raises(ValueError, match="dep"):
-        failed.result(timeout=10)
+    root = kernel.submit(tasks.boom, "dep")
+    failed = kernel.submit(tasks.add, root, 1)
+    further = kernel.submit(tasks.add, [1, {"x": failed}], 1)
+    for f in (failed, further):
+        with pytest.raises(astra.errors.UpstreamError, match="boom") as info:
+            f.result(timeout=10)
+        assert isinstance(info.value.root, ValueError)
+        assert info.value.__cause__ is info.value.root
+        assert info.value.root_task == f"task {root.task_id} (boom)"
 
 
 @pytest.mark.slow

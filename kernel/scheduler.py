@@ -19,11 +19,11 @@ runs dry it steals from a busy one:
 3. *Give.* In the victim, a responder thread blocks on its bell (no CPU while nobody asks).
    Woken, it scans the rows for requests addressed to it with a sequence it has not served,
    and under the victim's queue lock: drains the victim's inbox ring into the queue (tasks
-   that arrived while the main thread runs a long task count too), takes the first half
-   (rounded up) of the queue in the order the victim would run them (highest priority
-   first, then oldest), forwards those ``RunTask`` frames to the thief's inbox ring, with
-   the pickled function attached to the first task of each function, then sends
-   ``StealReply(count)`` on the same lane, and finally tells each affected client
+   that arrived while the main thread runs a long task count too), takes half of the
+   queue (rounded up): every other task in the order the victim would run them, starting
+   with the first (highest priority, then oldest; see ``split_for_thief``), forwards
+   those ``RunTask`` frames to the thief's inbox ring, with the pickled function attached
+   to the first task of each function, then sends ``StealReply(count)`` on the same lane, and finally tells each affected client
    ``TasksMoved`` so that a later death of the thief re-sends them. The thief reads the
    tasks, then the reply, and goes on.
 4. *Hint.* A worker whose queue grows to two or more while another worker is idle sends
@@ -67,7 +67,6 @@ __all__ = [
     "worker_ring",
 ]
 
-import heapq
 import os
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -124,17 +123,17 @@ def pick_victim(
 
 
 def split_for_thief(heap: list[Entry[M]]) -> list[Entry[M]]:
-    """Remove and return the first half (rounded up) of ``heap`` in pop order: the tasks a
-    thief takes (highest priority first, then oldest). ``heap`` stays a valid heap."""
+    """Remove and return half of ``heap`` (rounded up) for a thief: every other task in run
+    order, starting with the first (so the thief takes the highest-priority, oldest task
+    first). ``heap`` keeps the rest and stays a valid heap.
+
+    Why every other one rather than the first half: each half is then a fair sample of the
+    queue. On the issue's imbalanced workload (8 tasks of 200 ms and 56 of 10 ms queued on
+    one worker, long ones first) a simulation of two workers gives a makespan of 1.058 x
+    ideal when the thief takes the first half and 1.001 x with this split; with the long
+    tasks interleaved among the short ones, 1.001 x and 1.041 x."""
     if not heap:
         return []
-    k = (len(heap) + 1) // 2
-    if k == len(heap):
-        taken = sorted(heap)
-        heap.clear()
-        return taken
-    taken = heapq.nsmallest(k, heap)
-    rest = heapq.nlargest(len(heap) - k, heap)
-    heap[:] = rest
-    heapq.heapify(heap)
-    return taken
+    ordered = sorted(heap)
+    heap[:] = ordered[1::2]  # a sorted list is a valid heap
+    return ordered[0::2]

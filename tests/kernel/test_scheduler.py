@@ -14,12 +14,13 @@ def _heap(entries):
     return heap
 
 
-def test_a_thief_takes_the_first_half_in_run_order():
+def test_a_thief_takes_every_other_task_in_run_order_from_the_first():
     # (-priority, arrival, task): priority 5 runs before 0; among equals, the oldest first.
+    # Run order: hi, hi2, a, b, c. The thief takes the 1st, 3rd and 5th (half, rounded up).
     heap = _heap([(0, 1, "a"), (0, 2, "b"), (-5, 3, "hi"), (0, 4, "c"), (-5, 5, "hi2")])
     taken = split_for_thief(heap)
-    assert [t[2] for t in taken] == ["hi", "hi2", "a"]  # half of 5, rounded up
-    assert [heapq.heappop(heap)[2] for _ in range(len(heap))] == ["b", "c"]
+    assert [t[2] for t in taken] == ["hi", "a", "c"]
+    assert [heapq.heappop(heap)[2] for _ in range(len(heap))] == ["hi2", "b"]
 
 
 def test_a_single_queued_task_goes_to_the_thief():
@@ -37,7 +38,8 @@ def test_what_stays_is_a_valid_heap():
         taken = split_for_thief(heap)
         assert len(taken) == (n + 1) // 2
         rest = [heapq.heappop(heap) for _ in range(len(heap))]
-        assert taken + rest == sorted(entries)
+        assert taken == sorted(entries)[0::2]
+        assert rest == sorted(entries)[1::2]
 
 
 def test_names():

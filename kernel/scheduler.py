@@ -23,9 +23,9 @@ runs dry it steals from a busy one:
    queue (rounded up): every other task in the order the victim would run them, starting
    with the first (highest priority, then oldest; see ``split_for_thief``), forwards
    those ``RunTask`` frames to the thief's inbox ring, with the pickled function attached
-   to the first task of each function, then sends ``StealReply(count)`` on the same lane, and finally tells each affected client
-   ``TasksMoved`` so that a later death of the thief re-sends them. The thief reads the
-   tasks, then the reply, and goes on.
+   to the first task of each function, then sends ``StealReply(count)`` on the same lane,
+   and finally tells each affected client ``TasksMoved`` so that a later death of the
+   thief re-sends them. The thief reads the tasks, then the reply, and goes on.
 4. *Hint.* A worker whose queue grows to two or more while another worker is idle sends
    it a ``Wake``; so does a client that sends to a worker with a queue while another has
    none of its tasks (or, for tasks pinned with ``worker=``, fewer by two). A woken worker

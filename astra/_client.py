@@ -28,6 +28,8 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Final, TypeVar
 
+import numpy as np
+
 from ipc import (
     IPCError,
     RingClosedError,
@@ -56,6 +58,7 @@ from kernel import (
 )
 from kernel.daemon import default_state_dir
 from kernel.journal import Journal
+from kernel.worker import ARENA_THRESHOLD_BYTES
 
 from . import _deps
 from ._errors import (
@@ -90,7 +93,7 @@ RECV_SLICE_S: Final = 0.25
 INBOX_SLOTS: Final = 64
 INBOX_SLOT_BYTES: Final = 16 * 1024
 #: Largest pickled arguments (or function) a task may carry: frames stay under the rings'
-#: 64 MiB frame limit. XX: large numpy arguments could travel through the arena.
+#: 64 MiB frame limit. Large numpy arrays do not count: they travel through the arena.
 MAX_ARGS_BYTES: Final = 48 << 20
 #: Frames a worker's outbox holds (while its ring is full) before submitters wait.
 OUTBOX_MAX: Final = 4096
@@ -118,6 +121,11 @@ class _Task:
     generation: int = 0  # that worker's generation when it was sent
     unsent: bool = False  # in its link's ``unsent`` batch, not yet in the ring
     pin: int = -1  # the worker asked for with ``worker=``; -1 lets the client choose
+    # Arguments in the arena (``args`` holds references): blocks we put there, to release,
+    # and arrays (views of results) to keep alive, both until the task is finished.
+    refs: bool = False
+    holds: list[ArrayRef] | None = None
+    keep: list[object] | None = None
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -171,6 +179,7 @@ class Client:
             weakref.WeakKeyDictionary()
         )
         self._fn_data: dict[bytes, bytes] = {}
+        self._views: dict[int, ArrayRef] = {}  # id of a result array in the arena -> its ref
         self._closed = False
         self._closing = False
         self._broken: BaseException | None = None
@@ -312,8 +321,9 @@ class Client:
         fut: Future[object] = Future(self, tid, self._future_cond)
         fut.label = getattr(fn, "__qualname__", "") or type(fn).__qualname__
         deps = _futures_in(args, kwargs)
-        packed = b"" if deps else self._pack(args, kwargs)
-        task = _Task(tid, fut, key, packed, priority, timeout or 0.0, retries, deferred=bool(deps))
+        task = _Task(tid, fut, key, b"", priority, timeout or 0.0, retries, deferred=bool(deps))
+        if not deps:
+            self._pack_into(task, args, kwargs)
         with self._lock:
             self._tasks[tid] = task
         if deps:
@@ -337,8 +347,18 @@ class Client:
             self._fn_data.setdefault(*cached)
         return cached[0]
 
-    @staticmethod
-    def _pack(args: tuple[object, ...], kwargs: dict[str, object]) -> bytes:
+    def _pack_into(self, task: _Task, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        """Pickle the arguments into ``task.args``. Numpy arrays of ``ARENA_THRESHOLD_BYTES``
+        or more travel through the arena by reference: a result of an earlier task that
+        came back through the arena is passed as it is (no copy); any other array is copied
+        into the arena once. The task holds them until it is finished."""
+        arena = self._arena
+        if arena is not None and any(
+            a.nbytes >= ARENA_THRESHOLD_BYTES  # type: ignore[attr-defined]
+            for a in _deps.find(args, kwargs, np.ndarray)
+        ):
+            self._pack_refs(task, arena, args, kwargs)
+            return
         try:
             data = pickle.dumps((args, kwargs), protocol=5)
         except Exception:  # what plain pickle cannot reach (lambdas): cloudpickle's turn
@@ -346,12 +366,47 @@ class Client:
                 data = shipping.dumps((args, kwargs))
             except ShippingError as exc:
                 raise SerializationError(str(exc)) from exc.__cause__
-        if len(data) > MAX_ARGS_BYTES:
-            raise SerializationError(
-                f"arguments pickle to {len(data)} B, over {MAX_ARGS_BYTES} B: share large data "
-                "through files or shared memory instead"
-            )
-        return data
+        task.args = _check_args_size(data)
+
+    def _pack_refs(
+        self, task: _Task, arena: Arena, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> None:
+        holds: list[ArrayRef] = []
+        keep: list[object] = []
+
+        def to_ref(obj: object) -> ArrayRef | None:
+            if not isinstance(obj, np.ndarray) or obj.nbytes < ARENA_THRESHOLD_BYTES:
+                return None
+            ref = self._views.get(id(obj))
+            if ref is not None:
+                keep.append(obj)  # our view's hold lives as long as the array
+                return ref
+            try:
+                ref = arena.put(obj)
+            except IPCError:
+                return None  # the arena is full: the array is pickled inline instead
+            holds.append(ref)
+            return ref
+
+        try:
+            data = shipping.dumps_refs((args, kwargs), to_ref)
+        except ShippingError as exc:
+            for ref in holds:
+                with contextlib.suppress(IPCError):
+                    arena.release(ref)
+            raise SerializationError(str(exc)) from exc.__cause__
+        self._drop_holds(task)  # a re-pack (a dependency resolved) replaces earlier ones
+        task.args = _check_args_size(data)
+        task.refs = bool(holds or keep)
+        task.holds = holds or None
+        task.keep = keep or None
+
+    def _drop_holds(self, task: _Task) -> None:
+        holds, task.holds, task.keep = task.holds, None, None
+        if holds and self._arena is not None and os.getpid() == self._pid:
+            for ref in holds:
+                with contextlib.suppress(IPCError):
+                    self._arena.release(ref)
 
     def _after(
         self,
@@ -383,7 +438,8 @@ class Client:
                 self._finish(task.id, exc=_upstream(failed))
                 return
             try:
-                task.args = self._pack(
+                self._pack_into(
+                    task,
                     tuple(_deps.substitute(a, future_cls, resolve) for a in args),
                     {k: _deps.substitute(v, future_cls, resolve) for k, v in kwargs.items()},
                 )
@@ -545,7 +601,7 @@ class Client:
                 fn = self._fn_data[task.fn_key]
             msg = RunTask(
                 self._slot, self._gen, task.id, task.fn_key, fn, task.args,
-                task.priority, task.timeout_s,
+                task.priority, task.timeout_s, task.refs,
             )  # fmt: skip
             frames.append(encode(msg))
         link.unsent = []
@@ -668,7 +724,11 @@ class Client:
     def _cancel_task(self, task_id: int) -> None:
         with self._lock:
             task = self._tasks.pop(task_id, None)
-            if task is None or task.worker < 0:
+            if task is None:
+                return
+            if task.refs and (task.unsent or task.worker < 0):
+                self._drop_holds(task)  # never sent: nobody reads the blocks
+            if task.worker < 0:
                 return
             link = self._links[task.worker]
             link.inflight.discard(task_id)
@@ -766,6 +826,8 @@ class Client:
                     if task.worker >= 0:
                         links[task.worker].inflight.discard(task_id)
                     task.future.worker = task.worker
+                    if task.refs:
+                        self._drop_holds(task)
                     finished.append((task.future, value))
         Future._set_results(self._future_cond, finished)
 
@@ -825,11 +887,13 @@ class Client:
             return
         arr = arena.view(ref)
         # Every view of arr keeps arr alive (numpy collapses bases to it), so the hold goes
-        # when the last view does.
-        weakref.finalize(arr, self._release_ref, ref)
+        # when the last view does. While it lives, passing arr to another task sends ref.
+        self._views[id(arr)] = ref
+        weakref.finalize(arr, self._release_ref, ref, id(arr))
         self._finish(task_id, value=arr)
 
-    def _release_ref(self, ref: ArrayRef) -> None:
+    def _release_ref(self, ref: ArrayRef, key: int) -> None:
+        self._views.pop(key, None)
         if self._arena is not None and not self._closed and os.getpid() == self._pid:
             with contextlib.suppress(IPCError):
                 self._arena.release(ref)
@@ -862,6 +926,8 @@ class Client:
                 task.future.worker = task.worker
         if task is None:
             return  # cancelled, or a duplicate after a re-run
+        if task.refs:
+            self._drop_holds(task)
         with contextlib.suppress(concurrent.futures.InvalidStateError):
             if exc is None:
                 task.future.set_result(value)
@@ -1059,6 +1125,15 @@ def _futures_in(
     if len(found) < 2:
         return found  # type: ignore[return-value]
     return list({id(f): f for f in found}.values())  # type: ignore[arg-type]
+
+
+def _check_args_size(data: bytes) -> bytes:
+    if len(data) > MAX_ARGS_BYTES:
+        raise SerializationError(
+            f"arguments pickle to {len(data)} B, over {MAX_ARGS_BYTES} B: pass large data as "
+            "numpy arrays (they travel through the arena) or through files"
+        )
+    return data
 
 
 def _upstream(dep: concurrent.futures.Future[object]) -> UpstreamError:

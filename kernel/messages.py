@@ -56,6 +56,7 @@ class RunTask(msgspec.Struct, frozen=True, tag=200, array_like=True, gc=False):
     args: bytes  #: pickled (args, kwargs)
     priority: int = 0  #: higher runs first among this worker's ready tasks
     timeout_s: float = 0.0  #: wall-clock limit for one run; 0 means none
+    refs: bool = False  #: ``args`` holds arena references (``shipping.dumps_refs``)
 
 
 class TaskError(msgspec.Struct, frozen=True, tag=204, array_like=True, gc=False):

@@ -8,7 +8,10 @@ through cloudpickle *by value*. The key is the BLAKE2b digest of those bytes, so
 submissions of one function share a cache entry and a changed function gets a new one.
 
 Values (arguments, results) use pickle protocol 5, falling back to cloudpickle for what
-pickle cannot reach (lambdas inside arguments). Exceptions cross with their formatted
+pickle cannot reach (lambdas inside arguments). Large numpy arguments can travel by
+reference: ``dumps_refs`` replaces each array ``to_ref`` maps to an arena ``ArrayRef`` with
+a persistent id, and ``loads_refs`` turns it back into a read-only view of the arena block
+(no copy). Exceptions cross with their formatted
 traceback; one that will not pickle crosses as its ``repr``.
 """
 
@@ -18,18 +21,26 @@ __all__ = [
     "ShippingError",
     "TaskFunction",
     "dumps",
+    "dumps_refs",
     "function_key",
     "load_function",
     "loads",
+    "loads_refs",
     "pack_exception",
 ]
 
 import hashlib
+import io
 import pickle
 import traceback
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import cloudpickle
+
+from ipc import ArrayRef
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: Bytes of the function cache key.
 KEY_BYTES: Final = 16
@@ -86,6 +97,45 @@ def dumps(value: object) -> bytes:
             return data
         except Exception as exc:
             raise ShippingError(f"cannot pickle {type(value).__qualname__}: {first}") from exc
+
+
+_REF_TAG: Final = "astra.arena"
+
+
+def dumps_refs(value: object, to_ref: Callable[[object], ArrayRef | None]) -> bytes:
+    """Pickle ``value``, replacing every object ``to_ref`` maps to an ``ArrayRef`` by that
+    reference (a persistent id). Raises ``ShippingError``."""
+
+    class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def persistent_id(self, obj: object) -> object:
+            ref = to_ref(obj)
+            if ref is None:
+                return None
+            return (_REF_TAG, ref.block, ref.generation, ref.nbytes, ref.dtype, ref.shape)
+
+    buf = io.BytesIO()
+    try:
+        _Pickler(buf, protocol=5).dump(value)
+    except Exception as exc:
+        raise ShippingError(f"cannot pickle {type(value).__qualname__}: {exc}") from exc
+    return buf.getvalue()
+
+
+def loads_refs(data: bytes | memoryview, from_ref: Callable[[ArrayRef], object]) -> object:
+    """Unpickle what ``dumps_refs`` made, each reference through ``from_ref``. Raises
+    ``ShippingError``."""
+
+    class _Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid: object) -> object:
+            if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == _REF_TAG):
+                raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+            _, block, generation, nbytes, dtype, shape = pid
+            return from_ref(ArrayRef(block, generation, nbytes, dtype, tuple(shape)))
+
+    try:
+        return _Unpickler(io.BytesIO(data)).load()
+    except Exception as exc:
+        raise ShippingError(f"cannot unpickle value: {exc!r}") from exc
 
 
 def loads(data: bytes | memoryview) -> object:

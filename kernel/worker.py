@@ -82,13 +82,21 @@ from .scheduler import (
     steal_bell,
     worker_ring,
 )
-from .shipping import ShippingError, TaskFunction, dumps, load_function, loads, pack_exception
+from .shipping import (
+    ShippingError,
+    TaskFunction,
+    dumps,
+    load_function,
+    loads,
+    loads_refs,
+    pack_exception,
+)
 
 if TYPE_CHECKING:
     import concurrent.futures
     from collections.abc import Coroutine
 
-    from ipc import Arena, RingReader
+    from ipc import Arena, ArrayRef, RingReader
 
     from .control import ControlBlock
 
@@ -493,7 +501,9 @@ class Worker:
                 if data is None:
                     return TaskError(msg.task_id, ErrorKind.UNKNOWN_FUNCTION, b"", "", "")
                 fn = self._fns[msg.fn_key] = load_function(data)
-            payload = loads(msg.args)  # (args, kwargs), by the client's contract
+            # (args, kwargs), by the client's contract; large arrays may stay in the arena
+            # (refs), held by the client until the reply
+            payload = loads_refs(msg.args, self._arena_view) if msg.refs else loads(msg.args)
             args, kwargs = cast("tuple[tuple[object, ...], dict[str, object]]", payload)
         except ShippingError as exc:
             return self._error(msg, ErrorKind.SERIALIZATION, exc)
@@ -532,6 +542,16 @@ class Worker:
         if self._timing:
             self._timing = False
             raise TaskTimeout("task timed out")
+
+    def _arena_view(self, ref: ArrayRef) -> object:
+        """An argument in the arena: a read-only view, valid while its task runs (the
+        submitting client holds the block until the task's reply)."""
+        if self._arena is None:
+            raise ShippingError("an arena argument reached a worker without an arena")
+        try:
+            return self._arena.view(ref)
+        except IPCError as exc:
+            raise ShippingError(f"arena argument gone: {exc}") from exc
 
     def _error(self, msg: RunTask, kind: ErrorKind, exc: BaseException) -> TaskError:
         data, tb, text = pack_exception(exc)

@@ -5,7 +5,10 @@ This module only re-exports the public API; implementation lives in private modu
 
 from __future__ import annotations
 
+from kernel.actors import Agent as Agent
+
 from . import errors as errors
+from ._agents import AgentRef as AgentRef
 from ._client import Client as Client, cancelled as cancelled
 from ._errors import (
     AstraError as AstraError,
@@ -25,6 +28,8 @@ from ._kernel import Kernel as Kernel, connect as connect
 from ._version import __version__ as __version__
 
 __all__ = [
+    "Agent",
+    "AgentRef",
     "AstraError",
     "AstraInternalError",
     "Client",

@@ -40,6 +40,7 @@ from ipc import (
     open_ring,
 )
 from kernel import (
+    AgentReply,
     CancelRun,
     ErrorKind,
     RunTask,
@@ -61,6 +62,7 @@ from kernel.journal import Journal
 from kernel.worker import ARENA_THRESHOLD_BYTES
 
 from . import _deps
+from ._agents import AgentRef, Agents
 from ._errors import (
     KernelNotRunningError,
     RemoteError,
@@ -78,6 +80,7 @@ if TYPE_CHECKING:
 
     from ipc import Arena, ArrayRef, Instance
     from kernel import ControlBlock
+    from kernel.actors import Agent
     from kernel.journal import Table
 
     from ._graph import Graph, Node
@@ -206,6 +209,7 @@ class Client:
                 self._release_rings()
             control.unregister(self._slot, self._gen)
             raise
+        self._agents = Agents(self)
         self._dispatch_q: queue.SimpleQueue[list[_Task] | _WorkerLink | None] = queue.SimpleQueue()
         self._dispatcher: threading.Thread | None = None
         self._receiver = threading.Thread(
@@ -455,6 +459,45 @@ class Client:
 
         for dep in deps:
             dep.add_done_callback(on_done)
+
+    # ---- Agents (astra/_agents.py) ----
+
+    def spawn(
+        self,
+        cls: type[Agent],
+        /,
+        *args: object,
+        name: str | None = None,
+        restart: str = "on-failure",
+        persist: bool = False,
+        worker: int | None = None,
+        mailbox: int = 0,
+        **kwargs: object,
+    ) -> AgentRef:
+        """Start ``cls(*args, **kwargs)`` as an agent on a worker (round robin, or
+        ``worker``); returns its ``AgentRef`` once it is built (``__init__``'s exception
+        is raised here). ``name`` is unique in the kernel (default: generated).
+        ``restart``: "permanent", "on-failure" or "temporary" (kernel/actors.py).
+        ``persist``: checkpoint its state after each message; a restart resumes from it.
+        ``mailbox``: capacity (default 1024 messages). Raises ``AgentError`` if the name
+        is taken, ``SerializationError`` if the class or arguments will not pickle."""
+        return self._agents.spawn(
+            cls, args, kwargs, name=name, restart=restart, persist=persist, worker=worker,
+            mailbox=mailbox,
+        )  # fmt: skip
+
+    def agent(self, name: str) -> AgentRef:
+        """The running agent called ``name``. Raises ``AgentNotFoundError``."""
+        return self._agents.lookup(name)
+
+    def publish(self, topic: str, msg: object) -> None:
+        """Deliver ``msg`` to every agent subscribed to a pattern matching ``topic``
+        (``papers.*``: one segment, ``papers.#``: any), once each."""
+        self._agents.publish(topic, msg)
+
+    def kill(self, name: str, timeout: float | None = 30.0) -> None:
+        """Stop agent ``name`` now, dropping its mailbox. Raises ``AgentNotFoundError``."""
+        self._agents.stop(name, kill=True, timeout=timeout)
 
     # ---- Graphs ----
 
@@ -840,6 +883,8 @@ class Client:
             self._on_worker_lost(msg.worker, msg.generation, msg.running_task)
         elif isinstance(msg, TasksMoved):
             self._on_moved(msg)
+        elif isinstance(msg, AgentReply):
+            self._agents.on_reply(msg)
         # Wake: only makes the loop look at _closing; CodecError: nothing to do
 
     def _on_moved(self, msg: TasksMoved) -> None:
@@ -939,6 +984,7 @@ class Client:
     def _on_worker_lost(self, index: int, generation: int, running_task: int) -> None:
         """Re-send the tasks the lost worker held; the running one uses up a retry."""
         self._drain_ready()  # replies the worker published before dying count
+        self._agents.on_worker_lost(index)
         with self._lock:
             link = self._links[index]
             if generation <= link.generation:
@@ -988,6 +1034,7 @@ class Client:
         """Fail every pending future with ``exc``; later submits raise it."""
         if self._broken is None:
             self._broken = exc
+        self._agents.fail_all(exc)
         with self._lock:
             ids = list(self._tasks)
         for tid in ids:
@@ -1030,6 +1077,7 @@ class Client:
         self._closed = True
         atexit.unregister(self.close)
         self._break(KernelNotRunningError("the client was closed"))
+        self._agents.close()
         self._release_rings()
         self._control.unregister(self._slot, self._gen)
         self._close_shared()

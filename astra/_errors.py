@@ -20,15 +20,20 @@ meet a kernel class.
 from __future__ import annotations
 
 __all__ = [
+    "AgentCrashedError",
+    "AgentError",
+    "AgentNotFoundError",
     "AstraError",
     "AstraInternalError",
     "CycleError",
     "KernelNotRunningError",
+    "MailboxFullError",
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
     "TaskTimeoutError",
     "TooManyClientsError",
+    "UnknownMethodError",
     "UpstreamError",
     "WorkerCrashedError",
 ]
@@ -94,6 +99,27 @@ class CycleError(AstraError, ValueError):
     def __init__(self, message: str, cycle: list[object]) -> None:
         super().__init__(message)
         self.cycle = cycle
+
+
+class AgentError(AstraError):
+    """Raised for misuse of agents: a name already taken, a class that is not an
+    ``astra.Agent``; root of the agent errors below."""
+
+
+class AgentNotFoundError(AgentError, LookupError):
+    """No live agent has that name: never spawned, stopped, or lost with its worker."""
+
+
+class MailboxFullError(AgentError):
+    """The agent's mailbox stayed full for the ask's timeout (backpressure)."""
+
+
+class AgentCrashedError(AgentError):
+    """The agent (or its worker) died before answering the ask."""
+
+
+class UnknownMethodError(AgentError, AttributeError):
+    """The agent has no handler of that name."""
 
 
 class RemoteError(AstraError):

@@ -8,7 +8,9 @@ __all__ = ["Kernel", "connect"]
 import contextlib
 import os
 import select
+import shutil
 import signal
+import tempfile
 import time
 from typing import Final
 
@@ -16,6 +18,7 @@ import posix_ipc
 
 from ipc import Arena, Instance, IPCError, cleanup_stale, is_alive
 from kernel import ControlBlock, RegistrationError, RestartPolicy, fork_supervisor, read_state
+from kernel.registry import MAX_AGENTS, Registry
 
 from ._client import Client
 from ._errors import KernelNotRunningError, TooManyClientsError
@@ -44,6 +47,9 @@ class Kernel(Client):
         pin: pin worker ``i`` to the ``i``-th allowed core.
         max_restarts, within_s: restart intensity; past it the kernel stops.
         shutdown_timeout_s: how long ``close()`` lets workers drain before SIGKILL.
+        state_dir: where persisted agents keep their checkpoints (``<state_dir>/agents``);
+            default: a directory of this kernel's own, removed when it closes.
+        max_agents: agents that can run at once (the size of the name registry).
 
     Raises:
         KernelNotRunningError: the supervisor failed to start.
@@ -58,6 +64,8 @@ class Kernel(Client):
         max_restarts: int = 10,
         within_s: float = 5.0,
         shutdown_timeout_s: float = 5.0,
+        state_dir: str | None = None,
+        max_agents: int = MAX_AGENTS,
     ) -> None:
         n = workers if workers is not None else os.cpu_count() or 1
         if n < 1:
@@ -68,22 +76,37 @@ class Kernel(Client):
         inst = Instance.create()
         control: ControlBlock | None = None
         arena: Arena | None = None
+        registry: Registry | None = None
+        # Persisted agents' checkpoints: under state_dir, or a directory of this kernel's
+        # own, removed when it closes.
+        self._own_data = None if state_dir else tempfile.mkdtemp(prefix=f"astra-{inst.id}-")
+        data_dir = state_dir or self._own_data
         try:
             control = ControlBlock.create(inst, n, max_clients=1)
             arena = Arena.create(inst, size=arena_bytes)
+            registry = Registry.create(inst, max_agents)
             ready = inst.create_semaphore("ready", 0)
             try:
-                self._sup_pid = fork_supervisor(inst, control, arena, ready, self._policy, pin=pin)
+                self._sup_pid = fork_supervisor(
+                    inst, control, arena, ready, self._policy, pin=pin, data_dir=data_dir
+                )
                 self._wait_ready(ready)
             finally:
                 ready.close()
             super().__init__(inst, control, arena, inst)
         except BaseException:
             self._stop_supervisor()
-            for obj in (arena, control, inst):
+            for obj in (registry, arena, control, inst):
                 if obj is not None:
                     obj.close()
+            self._remove_own_data()
             raise
+        self._kregistry = registry
+
+    def _remove_own_data(self) -> None:
+        if self._own_data is not None:
+            shutil.rmtree(self._own_data, ignore_errors=True)
+            self._own_data = None
 
     def _wait_ready(self, ready: posix_ipc.Semaphore) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -121,7 +144,9 @@ class Kernel(Client):
             return
         self._wait_sent(self._policy.shutdown_timeout_s)  # queued means sent, then drained
         self._stop_supervisor()
+        self._kregistry.close()
         super().close()
+        self._remove_own_data()
 
     def __enter__(self) -> Kernel:
         return self

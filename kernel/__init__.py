@@ -54,6 +54,8 @@ from .errors import InstanceExistsError, KernelError, RegistrationError, TaskTim
 from .kmetrics import KERNEL_METRICS, collect_kernel_metrics, render_kernel_metrics
 from .logs import configure_logging, log_event
 from .messages import (
+    AgentCall,
+    AgentReply,
     CancelRun,
     ErrorKind,
     RunTask,
@@ -86,6 +88,8 @@ __all__ = [
     "EXIT_RESTART_INTENSITY",
     "KERNEL_METRICS",
     "RELOADABLE",
+    "AgentCall",
+    "AgentReply",
     "CancelRun",
     "ClientRow",
     "Config",

@@ -36,6 +36,7 @@ from .control import ControlBlock
 from .errors import InstanceExistsError
 from .kmetrics import render_kernel_metrics
 from .metrics import MetricsServer
+from .registry import MAX_AGENTS, Registry
 from .supervisor import RestartPolicy, Supervisor, install_signal_wakeup
 
 #: Default client slots of an astrad.
@@ -146,10 +147,12 @@ def run_daemon(
         with Instance.create() as inst:
             control = ControlBlock.create(inst, n, max_clients)
             arena = Arena.create(inst, size=arena_bytes)
+            registry = Registry.create(inst, MAX_AGENTS)
             try:
                 sup = Supervisor(
-                    inst, control, arena, policy, notifier=notifier, on_reload=on_reload
-                )
+                    inst, control, arena, policy, notifier=notifier, on_reload=on_reload,
+                    data_dir=os.path.join(root, name),
+                )  # fmt: skip
                 sup.start()
                 install_signal_wakeup(sup.wake_fd)
                 if metrics_addr:
@@ -171,6 +174,7 @@ def run_daemon(
                 if state_path:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(state_path)
+                registry.close()
                 arena.close()
                 control.close()
     finally:

@@ -8,7 +8,8 @@ reused. They hold only scalars and bytes, so they are ``gc=False``: a stream of 
 the cyclic garbage collector nothing.
 
 - *Calls*: ``RunTask`` (client -> worker), answered by ``TaskDone`` or ``TaskError``
-  (worker -> client).
+  (worker -> client); ``SpawnAgent``, ``AgentCall`` (an ask) and ``StopAgent`` (client or
+  worker -> the agent's worker), answered by ``AgentReply`` (kernel/agentd.py).
 - *Casts*: ``CancelRun`` (client -> worker), ``StopWorker`` (supervisor -> worker),
   ``Wake`` (to a client's own receiver thread, or to an idle worker), ``StealReply``
   (victim worker -> thief worker).
@@ -19,11 +20,15 @@ from __future__ import annotations
 
 __all__ = [
     "KERNEL_TAGS",
+    "AgentCall",
+    "AgentReply",
     "CancelRun",
     "ErrorKind",
     "KernelMessage",
     "RunTask",
+    "SpawnAgent",
     "StealReply",
+    "StopAgent",
     "StopWorker",
     "TaskDone",
     "TaskError",
@@ -57,6 +62,57 @@ class RunTask(msgspec.Struct, frozen=True, tag=200, array_like=True, gc=False):
     priority: int = 0  #: higher runs first among this worker's ready tasks
     timeout_s: float = 0.0  #: wall-clock limit for one run; 0 means none
     refs: bool = False  #: ``args`` holds arena references (``shipping.dumps_refs``)
+
+
+class SpawnAgent(msgspec.Struct, frozen=True, tag=208, array_like=True, gc=False):
+    """Call: start agent ``name`` on this worker (already claimed in the registry by the
+    sender). Answered by ``AgentReply`` (the name, or the error ``__init__`` raised)."""
+
+    reply_to: int  #: the origin code of who waits (kernel/agentd.py)
+    call_id: int  #: echoed in the reply
+    name: str  #: the agent's unique name (its id)
+    cls: bytes  #: the pickled agent class
+    args: bytes  #: pickled (args, kwargs) for the class
+    restart: str  #: "permanent", "on-failure" or "temporary"
+    persist: bool  #: checkpoint the agent's state
+    mailbox: int = 0  #: mailbox capacity; 0 for the default
+
+
+class AgentCall(msgspec.Struct, frozen=True, tag=209, array_like=True, gc=False):
+    """Call or cast: a message to an agent on this worker. An ask (``ask``) is answered by
+    ``AgentReply``; a tell is not. With ``topic`` set it is a published event for this
+    worker's subscribers (``target`` empty)."""
+
+    reply_to: int  #: the origin code of the sender (where an answer goes)
+    call_id: int  #: echoed in the reply; 0 for a tell
+    target: str  #: the agent's name
+    method: str  #: the handler
+    args: bytes  #: pickled (args, kwargs)
+    sender: str  #: stable sender id, for per-sender order and deduplication
+    msg_id: int  #: per-sender increasing id
+    ask: bool  #: an answer is wanted
+    timeout_s: float = 0.0  #: how long a full mailbox may hold the message back; 0: default
+    topic: str = ""  #: a published event's topic
+
+
+class AgentReply(msgspec.Struct, frozen=True, tag=210, array_like=True, gc=False):
+    """Reply: the answer to ``SpawnAgent``, ``AgentCall`` (ask) or ``StopAgent``."""
+
+    call_id: int  #: the call answered
+    ok: bool  #: ``payload`` is the pickled result (True) or a packed exception (False)
+    payload: bytes  #: pickled result, or the pickled exception (b"" if it would not pickle)
+    traceback: str = ""  #: the remote traceback of a failure
+    message: str = ""  #: "Type: text" of a failure
+
+
+class StopAgent(msgspec.Struct, frozen=True, tag=211, array_like=True, gc=False):
+    """Call: stop agent ``target`` (after its queued messages, or at once if ``kill``).
+    Answered by ``AgentReply``."""
+
+    reply_to: int  #: the origin code of who waits
+    call_id: int  #: echoed in the reply
+    target: str  #: the agent's name
+    kill: bool  #: drop its mailbox instead of finishing it
 
 
 class TaskError(msgspec.Struct, frozen=True, tag=204, array_like=True, gc=False):
@@ -139,6 +195,10 @@ KernelMessage = (
     | WorkerLost
     | StealReply
     | TasksMoved
+    | SpawnAgent
+    | AgentCall
+    | AgentReply
+    | StopAgent
 )
 
 #: Tag number -> envelope type, for the kernel's own messages (``ipc`` owns 1-199).
@@ -151,6 +211,10 @@ KERNEL_TAGS: Final[dict[int, type[KernelMessage]]] = {
     205: Wake,
     206: StealReply,
     207: TasksMoved,
+    208: SpawnAgent,
+    209: AgentCall,
+    210: AgentReply,
+    211: StopAgent,
 }
 for _tag, _cls in KERNEL_TAGS.items():
     assert _cls.__struct_config__.tag == _tag, (_cls, _tag)

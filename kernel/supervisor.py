@@ -67,6 +67,7 @@ from ipc import (
     RingClosedError,
     RingFull,
     RingWriter,
+    SegmentError,
     cleanup_stale,
     open_ring,
     unlink_ring,
@@ -75,6 +76,7 @@ from ipc import (
 from . import proc
 from .control import KernelState
 from .messages import StopWorker, WorkerLost, encode
+from .registry import Registry
 from .scheduler import steal_bell, worker_ring
 from .worker import Worker
 
@@ -137,7 +139,9 @@ class Supervisor:
         pin: bool = True,
         notifier: Notifier | None = None,
         on_reload: Callable[[], None] | None = None,
+        data_dir: str | None = None,
     ) -> None:
+        self._data_dir = data_dir  # the workers' (persisted agents)
         self._notifier = notifier
         self._on_reload = on_reload  # SIGHUP (install_signal_wakeup routes it here)
         self._instance = instance
@@ -273,6 +277,7 @@ class Supervisor:
         child.pidfd = -1
         running_client, running_task = self._control.running(child.index)
         self._retire_ring(child)
+        self._free_agent_names(child.index)
         now = time.monotonic()
         self._restarts.append(now)
         while self._restarts and now - self._restarts[0] > self._policy.within_s:
@@ -291,6 +296,21 @@ class Supervisor:
         self._spawn(child)
         self._control.add_restart(child.index)
         self._notify_lost(child, old_pid, code, running_client, running_task)
+
+    def _free_agent_names(self, index: int) -> None:
+        """The agents of a dead worker died with it: free their names (kernel/agentd.py)."""
+        try:
+            registry = Registry.open(self._instance)
+        except (SegmentError, OSError):
+            return  # a kernel without agents' registry
+        try:
+            freed = registry.release_worker(index)
+        finally:
+            registry.close()
+        if freed:
+            log.warning(
+                "[PID %d] agents_lost worker=w%02d count=%d", os.getpid(), index, len(freed)
+            )
 
     def _retire_ring(self, child: _Child) -> None:
         if child.writer is not None:
@@ -413,6 +433,7 @@ def fork_supervisor(
     *,
     pin: bool = True,
     child_hook: Callable[[], None] | None = None,
+    data_dir: str | None = None,
 ) -> int:
     """Fork the supervisor of an embedded kernel; returns its pid. The child starts the
     workers, posts ``ready``, supervises until SIGTERM (or until the embedding thread dies:
@@ -426,7 +447,7 @@ def fork_supervisor(
         proc.after_fork_in_child("astra-sup", parent_pid=parent, death_signal=signal.SIGTERM)
         if child_hook is not None:
             child_hook()
-        sup = Supervisor(instance, control, arena, policy, pin=pin)
+        sup = Supervisor(instance, control, arena, policy, pin=pin, data_dir=data_dir)
         sup.start()
         install_signal_wakeup(sup.wake_fd)
         ready.release()

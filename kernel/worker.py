@@ -60,12 +60,17 @@ from ipc import (
     SegmentError,
 )
 
+from .agentd import AgentService
 from .errors import TaskTimeout
 from .messages import (
+    AgentCall,
+    AgentReply,
     CancelRun,
     ErrorKind,
     RunTask,
+    SpawnAgent,
     StealReply,
+    StopAgent,
     StopWorker,
     TaskDone,
     TaskError,
@@ -152,9 +157,11 @@ class Worker:
         inbox: RingReader,
         arena: Arena | None,
         generation: int = 0,
+        data_dir: str | None = None,
     ) -> None:
         self.index = index
         self.generation = generation
+        self._data_dir = data_dir  # where persisted agents' checkpoints live
         self._log = logging.getLogger(f"astra.worker.w{index:02d}")
         self._instance = instance
         self._control = control
@@ -198,6 +205,7 @@ class Worker:
         self._responder: threading.Thread | None = None
         self._bell: posix_ipc.Semaphore | None = None
         self._responder_stop = False
+        self._agent_service: AgentService | None = None
 
     # ---- Main loop (protocol steps 1 and 4) ----
 
@@ -289,6 +297,8 @@ class Worker:
                     self._on_steal_reply(msg)
                 elif isinstance(msg, Wake):
                     self._hinted = True
+                elif isinstance(msg, (AgentCall, AgentReply, SpawnAgent, StopAgent)):
+                    self._agents().on_frame(msg)
                 elif isinstance(msg, StopWorker):
                     self._draining = True
                     self._stop_now |= not msg.drain
@@ -583,7 +593,52 @@ class Worker:
             return self._error(msg, ErrorKind.SERIALIZATION, err)
         return TaskDone(msg.task_id, data)
 
+    # ---- Agents (kernel/agentd.py) and the services they use ----
+
+    def _agents(self) -> AgentService:
+        if self._agent_service is None:
+            self._agent_service = AgentService(self, self._ensure_loop())
+        return self._agent_service
+
+    @property
+    def instance(self) -> Instance:
+        return self._instance
+
+    @property
+    def workers(self) -> int:
+        return self._control.workers
+
+    def state_path(self, name: str) -> str:
+        """A path under this kernel's data directory (persisted agent state)."""
+        from .daemon import default_state_dir  # a cycle at import: daemon imports us
+
+        return os.path.join(self._data_dir or default_state_dir(), name)
+
+    def send_to_client(self, client: int, generation: int, frames: list[bytes]) -> None:
+        """Send frames to a client's inbox (any thread); dropped if the client is gone."""
+        self._send(client, generation, frames)
+
+    def send_to_worker(self, index: int, frame: bytes) -> bool:
+        """Send a frame to worker ``index``'s inbox (any thread); False if it is gone."""
+        writer = self._peer(index, self._control.worker_generation(index))
+        if writer is None:
+            return False
+        try:
+            writer.send_many([frame], timeout=1.0)
+        except (RingClosedError, RingFull):
+            return False
+        return True
+
     # ---- Async tasks: an asyncio loop on a second thread ----
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(
+                target=self._loop.run_forever, name="astra-loop", daemon=True
+            )
+            self._loop_thread.start()
+        return self._loop
 
     def _start_async(
         self,
@@ -592,15 +647,10 @@ class Worker:
         args: tuple[object, ...],
         kwargs: dict[str, object],
     ) -> None:
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._loop_thread = threading.Thread(
-                target=self._loop.run_forever, name="astra-loop", daemon=True
-            )
-            self._loop_thread.start()
+        loop = self._ensure_loop()
         key = (msg.client, msg.task_id)
         coro = self._run_async(msg, fn, args, kwargs)
-        self._async[key] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        self._async[key] = asyncio.run_coroutine_threadsafe(coro, loop)
 
     async def _run_async(
         self,
@@ -733,6 +783,9 @@ class Worker:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._loop_thread is not None:
                 self._loop_thread.join(timeout=1.0)
+        if self._agent_service is not None:
+            with contextlib.suppress(Exception):
+                self._agent_service.close()
         with self._links_lock:
             for link in (*self._links.values(), *self._retired):
                 link.close()

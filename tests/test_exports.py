@@ -9,6 +9,8 @@ import ipc
 def test_astra_exports_are_locked():
     assert astra.__all__ == sorted(astra.__all__)
     assert set(astra.__all__) == {
+        "Agent",
+        "AgentRef",
         "AstraError",
         "AstraInternalError",
         "Client",

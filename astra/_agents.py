@@ -1,0 +1,310 @@
+"""Agents from a client: ``Client.spawn``, ``Client.agent``, ``AgentRef.ask``/``tell``,
+``Client.publish``, ``Client.kill`` (the worker side is kernel/agentd.py).
+
+A name is claimed in the kernel's shared registry before the spawn is sent (unique per
+instance), so two clients cannot start two agents of one name. Asks and stops are calls
+answered by ``AgentReply`` into this client's inbox; each waits in an ``astra.Future``. A
+worker that dies fails the calls waiting on it with ``AgentCrashedError``. Messages from
+this client carry one sender id and increasing message ids, so an agent handles them in
+the order sent.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SPAWN_TIMEOUT_S", "AgentRef", "Agents"]
+
+import itertools
+import os
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Final
+
+from kernel import actors, function_key, shipping
+from kernel.agentd import client_origin
+from kernel.messages import AgentCall, AgentReply, SpawnAgent, StopAgent, encode
+from kernel.registry import Registry
+
+from ._errors import (
+    AgentCrashedError,
+    AgentError,
+    AgentNotFoundError,
+    KernelNotRunningError,
+    MailboxFullError,
+    RemoteTraceback,
+    SerializationError,
+    UnknownMethodError,
+)
+from ._future import Future
+
+if TYPE_CHECKING:
+    from ._client import Client
+
+#: How long ``spawn`` waits for the worker to build the agent.
+SPAWN_TIMEOUT_S: Final = float(os.getenv("ASTRA_SPAWN_TIMEOUT_S", "30"))
+
+_TRANSLATE: Final[dict[type[BaseException], type[AgentError]]] = {
+    actors.AgentNotFoundError: AgentNotFoundError,
+    actors.MailboxFullError: MailboxFullError,
+    actors.AgentCrashedError: AgentCrashedError,
+    actors.UnknownMethodError: UnknownMethodError,
+    actors.AgentError: AgentError,
+}
+
+
+class AgentRef:
+    """A handle on a running agent, by name: cheap, picklable, valid in any client of the
+    kernel (``k.agent(name)`` gives one back)."""
+
+    __slots__ = ("_agents", "name")
+
+    def __init__(self, agents: Agents, name: str) -> None:
+        self._agents = agents
+        self.name = name
+
+    def ask(
+        self, method: str, /, *args: object, timeout: float | None = None, **kwargs: object
+    ) -> Future[object]:
+        """Call ``method(*args, **kwargs)`` on the agent; a ``Future`` of its answer. A full
+        mailbox holds the message back up to ``timeout`` (default 30 s), then the future
+        fails with ``MailboxFullError``. Other failures: the handler's exception,
+        ``UnknownMethodError``, ``AgentNotFoundError``, ``AgentCrashedError``."""
+        return self._agents.call(self.name, method, args, kwargs, ask=True, timeout=timeout)
+
+    def tell(self, method: str, /, *args: object, **kwargs: object) -> None:
+        """Send ``method(*args, **kwargs)`` without waiting; handled in the order sent.
+        Raises ``AgentNotFoundError`` at once if no agent has the name."""
+        self._agents.call(self.name, method, args, kwargs, ask=False, timeout=None)
+
+    def stop(self, timeout: float | None = SPAWN_TIMEOUT_S) -> None:
+        """Stop the agent after the messages already in its mailbox; waits."""
+        self._agents.stop(self.name, kill=False, timeout=timeout)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AgentRef) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"<astra.AgentRef {self.name!r}>"
+
+
+class Agents:
+    """A client's side of agents (one per ``Client``)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._registry: Registry | None = None
+        self._lock = threading.Lock()
+        self._calls: dict[int, tuple[Future[object], int]] = {}  # call id -> (future, worker)
+        self._ids = itertools.count(1)
+        self._last_msg_id = 0
+        self._rr = 0
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry.open(self._client._kinst)
+        return self._registry
+
+    def _origin(self) -> int:
+        return client_origin(self._client._slot, self._client._gen)
+
+    def _sender(self) -> str:
+        return f"c{self._client._slot}.{self._client._gen}"
+
+    def _msg_id(self) -> int:
+        with self._lock:
+            self._last_msg_id = max(self._last_msg_id + 1, time.time_ns())
+            return self._last_msg_id
+
+    # ---- Calls ----
+
+    def _new_call(self, worker: int) -> tuple[int, Future[object]]:
+        call_id = next(self._ids)
+        future: Future[object] = Future(self._client, -call_id, self._client._future_cond)
+        with self._lock:
+            self._calls[call_id] = (future, worker)
+        return call_id, future
+
+    def _send(self, worker: int, frame: bytes) -> None:
+        client = self._client
+        client._check_usable()
+        client._push(client._links[worker], [frame])
+
+    def spawn(
+        self,
+        cls: type[actors.Agent],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        *,
+        name: str | None,
+        restart: str,
+        persist: bool,
+        worker: int | None,
+        mailbox: int,
+    ) -> AgentRef:
+        if not (isinstance(cls, type) and issubclass(cls, actors.Agent)):
+            raise TypeError(f"agents subclass astra.Agent; got {cls!r}")
+        if restart not in ("permanent", "on-failure", "temporary"):
+            raise ValueError(f"restart: 'permanent', 'on-failure' or 'temporary'; {restart!r}")
+        workers = self._client.workers
+        if worker is not None and not 0 <= worker < workers:
+            raise ValueError(f"worker={worker}: this kernel has workers 0-{workers - 1}")
+        if worker is None:
+            with self._lock:
+                self._rr = (self._rr + 1) % workers
+                worker = self._rr
+        name = name or f"{cls.__name__.lower()}-{uuid.uuid4().hex[:10]}"
+        try:
+            _, cls_data = function_key(cls)
+            arg_data = shipping.dumps((args, kwargs))
+        except shipping.ShippingError as exc:
+            raise SerializationError(str(exc)) from exc.__cause__
+        try:
+            claimed = self.registry.claim(name, worker)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
+        if not claimed:
+            raise AgentError(f"an agent named {name!r} already runs")
+        call_id, future = self._new_call(worker)
+        frame = encode(SpawnAgent(
+            self._origin(), call_id, name, cls_data, arg_data, restart, persist, mailbox
+        ))  # fmt: skip
+        try:
+            self._send(worker, frame)
+            future.result(SPAWN_TIMEOUT_S)
+        except BaseException:
+            self._forget(call_id)
+            self.registry.release(name, worker=worker)  # the worker freed it already if it ran
+            raise
+        return AgentRef(self, name)
+
+    def lookup(self, name: str) -> AgentRef:
+        try:
+            worker = self.registry.lookup(name)
+        except ValueError:
+            worker = -1
+        if worker < 0:
+            raise AgentNotFoundError(f"no agent named {name!r}")
+        return AgentRef(self, name)
+
+    def call(
+        self,
+        name: str,
+        method: str,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        *,
+        ask: bool,
+        timeout: float | None,
+    ) -> Future[object]:
+        worker = self.registry.lookup(name)
+        if worker < 0:
+            exc = AgentNotFoundError(f"no agent named {name!r}")
+            if not ask:
+                raise exc
+            failed: Future[object] = Future()
+            failed.set_exception(exc)
+            return failed
+        try:
+            data = shipping.dumps((args, kwargs))
+        except shipping.ShippingError as exc:
+            raise SerializationError(str(exc)) from exc.__cause__
+        call_id, future = self._new_call(worker) if ask else (0, Future[object]())
+        frame = encode(AgentCall(
+            self._origin(), call_id, name, method, data, self._sender(), self._msg_id(), ask,
+            timeout or 0.0,
+        ))  # fmt: skip
+        try:
+            self._send(worker, frame)
+        except BaseException:
+            self._forget(call_id)
+            raise
+        if not ask:
+            future.set_result(None)
+        return future
+
+    def publish(self, topic: str, payload: object) -> None:
+        try:
+            data = shipping.dumps(payload)
+        except shipping.ShippingError as exc:
+            raise SerializationError(str(exc)) from exc.__cause__
+        frame = encode(
+            AgentCall(self._origin(), 0, "", "", data, self._sender(), 0, False, 0.0, topic)
+        )
+        for worker in range(self._client.workers):
+            self._send(worker, frame)
+
+    def stop(self, name: str, *, kill: bool, timeout: float | None) -> None:
+        worker = self.registry.lookup(name)
+        if worker < 0:
+            raise AgentNotFoundError(f"no agent named {name!r}")
+        call_id, future = self._new_call(worker)
+        self._send(worker, encode(StopAgent(self._origin(), call_id, name, kill)))
+        future.result(timeout)
+
+    def _forget(self, call_id: int) -> None:
+        with self._lock:
+            self._calls.pop(call_id, None)
+
+    # ---- Replies (the client's receiving thread) ----
+
+    def on_reply(self, msg: AgentReply) -> None:
+        with self._lock:
+            entry = self._calls.pop(msg.call_id, None)
+        if entry is None:
+            return
+        future = entry[0]
+        if msg.ok:
+            try:
+                value = shipping.loads(msg.payload)
+            except shipping.ShippingError as exc:
+                future.set_exception(SerializationError(str(exc)))
+                return
+            future.set_result(value)
+            return
+        future.set_exception(_translate(msg))
+
+    def on_worker_lost(self, index: int) -> None:
+        with self._lock:
+            lost = [cid for cid, (_, w) in self._calls.items() if w == index]
+            futures = [self._calls.pop(cid)[0] for cid in lost]
+        for future in futures:
+            future.set_exception(AgentCrashedError(f"worker w{index:02d} died"))
+
+    def fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            futures = [f for f, _ in self._calls.values()]
+            self._calls.clear()
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        self.fail_all(KernelNotRunningError("the client was closed"))
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
+
+
+def _translate(msg: AgentReply) -> BaseException:
+    exc: BaseException | None = None
+    if msg.payload:
+        try:
+            loaded = shipping.loads(msg.payload)
+        except shipping.ShippingError:
+            loaded = None
+        if isinstance(loaded, BaseException):
+            exc = loaded
+    if exc is None:
+        exc = AgentError(msg.message or "the call failed")
+    for kernel_cls, astra_cls in _TRANSLATE.items():
+        if type(exc) is kernel_cls:
+            translated = astra_cls(str(exc))
+            translated.__cause__ = RemoteTraceback(msg.traceback) if msg.traceback else exc
+            return translated
+    if msg.traceback:
+        exc.__cause__ = RemoteTraceback(msg.traceback)
+    return exc

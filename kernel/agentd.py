@@ -1,0 +1,325 @@
+"""Agents in a worker: the glue between the rings and ``kernel.actors.AgentHost``.
+
+Each worker runs one ``AgentHost`` on its asyncio loop thread (the one ``async def`` tasks
+use). The worker's main thread reads ``SpawnAgent``, ``AgentCall``, ``AgentReply`` and
+``StopAgent`` frames from its inbox and hands each to the loop thread in arrival order
+(``call_soon_threadsafe``), so the messages of one sender reach an agent's mailbox in the
+order sent. Everything below runs on the loop thread; ``AgentService`` is the host's
+``Outbox`` and ``Checkpointer``.
+
+Addresses. An agent's name is its id, unique per kernel instance through the shared
+registry (kernel/registry.py): a client or an agent claims the name before the spawn, the
+worker frees it when the agent stops for good, the supervisor frees the names of a dead
+worker. Who waits for an answer is an *origin code*: a worker's index (>= 0), or
+``client_origin(slot, generation)`` (< 0) for a client.
+
+Backpressure. A message for a full mailbox waits in the worker (``AgentHost.put``, first
+come first served, so per-sender order holds) for the ask's ``timeout_s`` (a tell:
+``TELL_WAIT_S``), then an ask fails with ``MailboxFullError``; a tell that still finds no
+room is dropped and logged (``tell_dropped``), as its sender asked for no answer.
+
+Failure. An agent's handler error fails that ask and restarts the agent per its policy
+(kernel/actors.py). When a worker dies its agents die with it: the supervisor frees their
+names and clients fail the asks that were waiting on it with ``AgentCrashedError``.
+XX: restarting them on other workers (from their spawn specs and checkpoints) is the next
+step of the agents issue.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TELL_WAIT_S", "AgentService", "client_origin", "decode_origin"]
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING, Final, cast
+
+from . import shipping
+from .actors import (
+    AgentError,
+    AgentHost,
+    AgentNotFoundError,
+    ExitReason,
+    MailboxFullError,
+    Message,
+    ReplyTo,
+    SpawnSpec,
+)
+from .journal import Journal
+from .logs import log_event
+from .messages import AgentCall, AgentReply, SpawnAgent, StopAgent, encode
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .actors import Agent
+    from .worker import Worker
+
+_Args = tuple[tuple[object, ...], dict[str, object]]
+
+#: How long a tell waits for room in a full mailbox before it is dropped (and logged).
+TELL_WAIT_S: Final = float(os.getenv("ASTRA_TELL_WAIT_S", "5.0"))
+#: How long an ask with no timeout waits for room in a full mailbox.
+ASK_WAIT_S: Final = float(os.getenv("ASTRA_ASK_WAIT_S", "30.0"))
+
+_log = logging.getLogger("astra.agents")
+
+
+def client_origin(slot: int, generation: int) -> int:
+    """The origin code of client ``slot`` (of that claim ``generation``)."""
+    return -1 - ((generation << 16) | slot)
+
+
+def decode_origin(origin: int) -> tuple[int, int, int]:
+    """(worker index, client slot, client generation): the worker is -1 for a client."""
+    if origin >= 0:
+        return origin, -1, 0
+    code = -1 - origin
+    return -1, code & 0xFFFF, code >> 16
+
+
+def pack_reply(call_id: int, ok: bool, value: object) -> bytes:
+    """An encoded ``AgentReply``: ``value`` is the result, or the exception if not ``ok``."""
+    if ok:
+        try:
+            return encode(AgentReply(call_id, True, shipping.dumps(value)))
+        except shipping.ShippingError as exc:
+            ok, value = False, exc
+    assert isinstance(value, BaseException)
+    data, tb, text = shipping.pack_exception(value)
+    return encode(AgentReply(call_id, False, data, tb, text))
+
+
+class AgentService:
+    """One worker's agents (see the module docstring). Built by the worker on first use."""
+
+    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+        self._worker = worker
+        self._loop = loop
+        self.index = worker.index
+        self._registry: Registry | None = None
+        self._journals: dict[str, Journal] = {}
+        self._journal_of: dict[str, Journal] = {}  # agent -> the journal of its checkpoints
+        self._host: AgentHost | None = None
+        self._names = 0
+
+    # ---- From the worker's main thread ----
+
+    def on_frame(self, msg: SpawnAgent | AgentCall | AgentReply | StopAgent) -> None:
+        self._loop.call_soon_threadsafe(self._dispatch, msg)
+
+    def close(self) -> None:
+        """Main thread, after the loop stopped: close journals and the registry."""
+        for journal in self._journals.values():
+            journal.close()
+        if self._registry is not None:
+            self._registry.close()
+
+    # ---- On the loop thread ----
+
+    @property
+    def host(self) -> AgentHost:
+        if self._host is None:
+            self._host = AgentHost(self, checkpointer=self, origin=self.index, loop=self._loop)
+        return self._host
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry.open(self._worker.instance)
+        return self._registry
+
+    def _dispatch(self, msg: SpawnAgent | AgentCall | AgentReply | StopAgent) -> None:
+        try:
+            if isinstance(msg, AgentCall):
+                self._call(msg)
+            elif isinstance(msg, AgentReply):
+                self._resolve(msg)
+            elif isinstance(msg, SpawnAgent):
+                self._spawn(msg)
+            else:
+                self._stop(msg)
+        except Exception:  # a bug here must not take the loop down
+            _log.exception("[PID %d] agent message %s failed", os.getpid(), type(msg).__name__)
+
+    def _spawn(self, msg: SpawnAgent) -> None:
+        try:
+            cls = cast("type[Agent]", shipping.loads(msg.cls))
+            args, kwargs = cast("_Args", shipping.loads(msg.args))
+            if msg.persist:
+                self._journal_of[msg.name] = self._journal()
+            self.host.spawn(
+                msg.name, cls, args, kwargs, restart=msg.restart, persist=msg.persist,
+                mailbox_capacity=msg.mailbox or None,
+                state=self._checkpoint_of(msg.name) if msg.persist else None,
+            )  # fmt: skip
+        except Exception as exc:
+            self._journal_of.pop(msg.name, None)
+            self.registry.release(msg.name, worker=self.index)
+            self._send_to(msg.reply_to, pack_reply(msg.call_id, False, exc))
+            return
+        self._send_to(msg.reply_to, pack_reply(msg.call_id, True, msg.name))
+
+    def _call(self, msg: AgentCall) -> None:
+        host = self.host
+        if msg.topic:
+            host.publish(msg.topic, shipping.loads(msg.args), sender=msg.sender)
+            return
+        agent_id = host.lookup(msg.target)
+        if agent_id is None:
+            self._refuse(msg, AgentNotFoundError(f"no agent {msg.target!r} on w{self.index:02d}"))
+            return
+        try:
+            args, kwargs = cast("_Args", shipping.loads(msg.args))
+        except shipping.ShippingError as exc:
+            self._refuse(msg, exc)
+            return
+        reply_to = ReplyTo(msg.reply_to, msg.call_id) if msg.ask else None
+        message = Message(msg.sender, msg.method, args, kwargs, reply_to, msg.msg_id)
+        try:
+            if host.post(agent_id, message):
+                return
+        except AgentError as exc:
+            self._refuse(msg, exc)
+            return
+        wait = msg.timeout_s or (ASK_WAIT_S if msg.ask else TELL_WAIT_S)
+        self._loop.create_task(self._wait_for_room(agent_id, message, msg, wait))
+
+    async def _wait_for_room(
+        self, agent_id: str, message: Message, msg: AgentCall, wait_s: float
+    ) -> None:
+        try:
+            await asyncio.wait_for(self.host.put(agent_id, message), wait_s)
+        except TimeoutError:
+            self._refuse(
+                msg, MailboxFullError(f"the mailbox of {agent_id!r} stayed full for {wait_s} s")
+            )
+        except AgentError as exc:
+            self._refuse(msg, exc)
+
+    def _refuse(self, msg: AgentCall, exc: BaseException) -> None:
+        if msg.ask:
+            self._send_to(msg.reply_to, pack_reply(msg.call_id, False, exc))
+        else:
+            log_event(_log, logging.WARNING, "tell_dropped", target=msg.target,
+                      method=msg.method, reason=type(exc).__name__)  # fmt: skip
+
+    def _resolve(self, msg: AgentReply) -> None:
+        if msg.ok:
+            value: object = shipping.loads(msg.payload)
+        else:
+            value = _rebuild(msg)
+        self.host.resolve(msg.call_id, msg.ok, value)
+
+    def _stop(self, msg: StopAgent) -> None:
+        host = self.host
+        agent_id = host.lookup(msg.target)
+        if agent_id is None:
+            exc = AgentNotFoundError(f"no agent {msg.target!r} on w{self.index:02d}")
+            self._send_to(msg.reply_to, pack_reply(msg.call_id, False, exc))
+            return
+        if msg.kill:
+            host.kill(agent_id)
+            self._send_to(msg.reply_to, pack_reply(msg.call_id, True, None))
+            return
+        done = host.stop(agent_id)
+
+        def stopped(f: asyncio.Future[None]) -> None:
+            exc = f.exception()
+            self._send_to(msg.reply_to, pack_reply(msg.call_id, exc is None, exc))
+
+        done.add_done_callback(stopped)
+
+    # ---- Sending ----
+
+    def _send_to(self, origin: int, frame: bytes) -> None:
+        worker, slot, generation = decode_origin(origin)
+        if worker < 0:
+            self._worker.send_to_client(slot, generation, [frame])
+            return
+        if not self._worker.send_to_worker(worker, frame):
+            _log.warning("[PID %d] w%02d is gone: a reply to it is lost", os.getpid(), worker)
+
+    # ---- Outbox (kernel/actors.py) ----
+
+    def reply(self, to: ReplyTo, ok: bool, payload: object) -> None:
+        self._send_to(to.origin, pack_reply(to.call_id, ok, payload))
+
+    def deliver(self, target: str, msg: Message) -> None:
+        worker = self.registry.lookup(target)
+        if worker < 0 or worker == self.index:
+            raise AgentNotFoundError(f"no agent named {target!r}")
+        reply_to = msg.reply_to
+        frame = encode(AgentCall(
+            reply_to.origin if reply_to is not None else self.index,
+            reply_to.call_id if reply_to is not None else 0,
+            target, msg.method, shipping.dumps((msg.args, dict(msg.kwargs))), msg.sender,
+            msg.msg_id, reply_to is not None,
+        ))  # fmt: skip
+        if not self._worker.send_to_worker(worker, frame):
+            raise AgentNotFoundError(f"agent {target!r}: its worker w{worker:02d} is gone")
+
+    def publish(self, sender: str, topic: str, payload: object) -> None:
+        frame = encode(
+            AgentCall(self.index, 0, "", "", shipping.dumps(payload), sender, 0, False, 0.0, topic)
+        )
+        for index in range(self._worker.workers):
+            if index != self.index:
+                self._worker.send_to_worker(index, frame)
+
+    def spawn(self, parent: str, spec: SpawnSpec) -> str:
+        self._names += 1
+        name = spec.name or f"{spec.cls.__name__.lower()}-{self.index}.{os.getpid()}.{self._names}"
+        if not self.registry.claim(name, self.index):
+            raise AgentError(f"an agent named {name!r} already runs")
+        try:
+            if spec.persist:
+                self._journal_of[name] = self._journal()
+            self.host.spawn(
+                name, spec.cls, spec.args, spec.kwargs, restart=spec.restart, persist=spec.persist
+            )
+        except BaseException:
+            self._journal_of.pop(name, None)
+            self.registry.release(name, worker=self.index)
+            raise
+        return name
+
+    def agent_exited(self, agent_id: str, reason: ExitReason, error: BaseException | None) -> None:
+        self.registry.release(agent_id, worker=self.index)
+        self._journal_of.pop(agent_id, None)
+        log_event(_log, logging.INFO, "agent_exited", id=agent_id, reason=reason.name.lower(),
+                  error=type(error).__name__ if error else "")  # fmt: skip
+
+    # ---- Checkpointer (kernel/actors.py) ----
+
+    def checkpoint(self, agent_id: str, data: bytes) -> None:
+        journal = self._journal_of[agent_id]
+        journal.table("agents").put(agent_id.encode(), data)
+
+    def _checkpoint_of(self, name: str) -> bytes | None:
+        return self._journal_of[name].table("agents").get(name.encode())
+
+    def _journal(self) -> Journal:
+        path = self._worker.state_path("agents")
+        journal = self._journals.get(path)
+        if journal is None:
+            journal = self._journals[path] = Journal.open(path)
+        return journal
+
+    def stats(self) -> list[tuple[str, str, int, int, str, int]]:
+        """(name, class, mailbox, handled, state, restarts) of each agent here. Loop thread."""
+        if self._host is None:
+            return []
+        return [
+            (s.id, s.cls, s.mailbox, s.handled, s.state.name.lower(), s.restarts)
+            for s in self._host.stats()
+        ]
+
+
+def _rebuild(msg: AgentReply) -> BaseException:
+    if msg.payload:
+        with contextlib.suppress(Exception):
+            exc = shipping.loads(msg.payload)
+            if isinstance(exc, BaseException):
+                return exc
+    return AgentError(msg.message or "the call failed")

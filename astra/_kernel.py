@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = ["Kernel", "connect"]
 
 import contextlib
+import glob
 import os
 import select
 import shutil
@@ -73,6 +74,7 @@ class Kernel(Client):
         self._policy = RestartPolicy(max_restarts, within_s, shutdown_timeout_s)
         self._sup_pid = -1
         cleanup_stale(os.getenv("ASTRA_SHM_LABEL") or None)
+        _remove_stale_data_dirs()
         inst = Instance.create()
         control: ControlBlock | None = None
         arena: Arena | None = None
@@ -162,6 +164,16 @@ class Kernel(Client):
     def worker_pids(self) -> list[int]:
         """The current pid of each worker, by index."""
         return [self._control.worker(i).pid for i in range(self._control.workers)]
+
+
+def _remove_stale_data_dirs() -> None:
+    """Remove the data directories (``astra-<instance>-*`` in the temp dir) of embedded
+    kernels whose process died without closing them (SIGKILL)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "astra-*-*")):
+        instance = os.path.basename(path)[len("astra-") :].rsplit("-", 1)[0]
+        pid = instance.split("@", 1)[0].split(".", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def connect(name: str = "default", *, state_dir: str | None = None) -> Client:

@@ -19,21 +19,37 @@ come first served, so per-sender order holds) for the ask's ``timeout_s`` (a tel
 room is dropped and logged (``tell_dropped``), as its sender asked for no answer.
 
 Failure. An agent's handler error fails that ask and restarts the agent per its policy
-(kernel/actors.py). When a worker dies its agents die with it: the supervisor frees their
-names and clients fail the asks that were waiting on it with ``AgentCrashedError``.
-XX: restarting them on other workers (from their spawn specs and checkpoints) is the next
-step of the agents issue.
+(kernel/actors.py). Each live agent's spawn spec is kept in the runtime journal
+(``RUNTIME_JOURNAL``). When a worker dies, the supervisor restarts its agents on the other
+workers (round robin; on its replacement if it is the only one): it moves each name in the
+registry and sends the new worker the agent's ``SpawnAgent``, which resumes a persisted
+agent from its last checkpoint; ``temporary`` agents are not restarted and their names are
+freed. Clients fail the asks that were waiting on the dead worker with
+``AgentCrashedError``: at most once without ``persist`` (see kernel/actors.py for what
+``persist`` adds).
 """
 
 from __future__ import annotations
 
-__all__ = ["TELL_WAIT_S", "AgentService", "client_origin", "decode_origin"]
+__all__ = [
+    "RUNTIME_JOURNAL",
+    "SPECS_TABLE",
+    "TELL_WAIT_S",
+    "AgentService",
+    "AgentSpec",
+    "client_origin",
+    "decode_origin",
+    "decode_spec",
+    "encode_spec",
+]
 
 import asyncio
 import contextlib
 import logging
 import os
 from typing import TYPE_CHECKING, Final, cast
+
+import msgspec
 
 from . import shipping
 from .actors import (
@@ -46,7 +62,7 @@ from .actors import (
     ReplyTo,
     SpawnSpec,
 )
-from .journal import Journal
+from .journal import Journal, Table
 from .logs import log_event
 from .messages import AgentCall, AgentReply, SpawnAgent, StopAgent, encode
 from .registry import Registry
@@ -62,7 +78,34 @@ TELL_WAIT_S: Final = float(os.getenv("ASTRA_TELL_WAIT_S", "5.0"))
 #: How long an ask with no timeout waits for room in a full mailbox.
 ASK_WAIT_S: Final = float(os.getenv("ASTRA_ASK_WAIT_S", "30.0"))
 
+#: The journal (under the kernel's data dir, not synced: it describes this run only) and
+#: table of the live agents' spawn specs, by name.
+RUNTIME_JOURNAL: Final = "agents-runtime"
+SPECS_TABLE: Final = "specs"
+
 _log = logging.getLogger("astra.agents")
+
+
+class AgentSpec(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """How to start an agent again: what its ``SpawnAgent`` carried."""
+
+    cls: bytes
+    args: bytes
+    restart: str
+    persist: bool
+    mailbox: int
+
+
+_spec_encoder: Final = msgspec.msgpack.Encoder()
+_spec_decoder: Final = msgspec.msgpack.Decoder(AgentSpec)
+
+
+def encode_spec(spec: AgentSpec) -> bytes:
+    return _spec_encoder.encode(spec)
+
+
+def decode_spec(data: bytes) -> AgentSpec:
+    return _spec_decoder.decode(data)
 
 
 def client_origin(slot: int, generation: int) -> int:
@@ -153,12 +196,18 @@ class AgentService:
                 mailbox_capacity=msg.mailbox or None,
                 state=self._checkpoint_of(msg.name) if msg.persist else None,
             )  # fmt: skip
+            spec = AgentSpec(msg.cls, msg.args, msg.restart, msg.persist, msg.mailbox)
+            self._specs().put(msg.name.encode(), encode_spec(spec))
         except Exception as exc:
             self._journal_of.pop(msg.name, None)
             self.registry.release(msg.name, worker=self.index)
-            self._send_to(msg.reply_to, pack_reply(msg.call_id, False, exc))
+            if msg.call_id:
+                self._send_to(msg.reply_to, pack_reply(msg.call_id, False, exc))
+            else:  # a restart after a worker death: nobody waits
+                _log.error("[PID %d] agent %r failed to restart: %r", os.getpid(), msg.name, exc)
             return
-        self._send_to(msg.reply_to, pack_reply(msg.call_id, True, msg.name))
+        if msg.call_id:
+            self._send_to(msg.reply_to, pack_reply(msg.call_id, True, msg.name))
 
     def _call(self, msg: AgentCall) -> None:
         host = self.host
@@ -278,6 +327,12 @@ class AgentService:
             self.host.spawn(
                 name, spec.cls, spec.args, spec.kwargs, restart=spec.restart, persist=spec.persist
             )
+            record = AgentSpec(
+                shipping.function_key(spec.cls)[1],
+                shipping.dumps((spec.args, dict(spec.kwargs))),
+                str(spec.restart), spec.persist, 0,
+            )  # fmt: skip
+            self._specs().put(name.encode(), encode_spec(record))
         except BaseException:
             self._journal_of.pop(name, None)
             self.registry.release(name, worker=self.index)
@@ -287,6 +342,7 @@ class AgentService:
     def agent_exited(self, agent_id: str, reason: ExitReason, error: BaseException | None) -> None:
         self.registry.release(agent_id, worker=self.index)
         self._journal_of.pop(agent_id, None)
+        self._specs().delete(agent_id.encode())
         log_event(_log, logging.INFO, "agent_exited", id=agent_id, reason=reason.name.lower(),
                   error=type(error).__name__ if error else "")  # fmt: skip
 
@@ -305,6 +361,14 @@ class AgentService:
         if journal is None:
             journal = self._journals[path] = Journal.open(path)
         return journal
+
+    def _specs(self) -> Table:
+        """The spawn specs of the live agents (what restarts them after a worker death)."""
+        path = self._worker.state_path(RUNTIME_JOURNAL)
+        journal = self._journals.get(path)
+        if journal is None:
+            journal = self._journals[path] = Journal.open(path, sync=False)
+        return journal.table(SPECS_TABLE)
 
     def stats(self) -> list[tuple[str, str, int, int, str, int]]:
         """(name, class, mailbox, handled, state, restarts) of each agent here. Loop thread."""

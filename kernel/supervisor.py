@@ -74,8 +74,10 @@ from ipc import (
 )
 
 from . import proc
+from .agentd import RUNTIME_JOURNAL, SPECS_TABLE, decode_spec
 from .control import KernelState
-from .messages import StopWorker, WorkerLost, encode
+from .journal import Journal, JournalError
+from .messages import SpawnAgent, StopWorker, WorkerLost, encode
 from .registry import Registry
 from .scheduler import steal_bell, worker_ring
 from .worker import Worker
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
     from ipc import RingReader
 
     from .control import ControlBlock
+    from .journal import Table
     from .notify import Notifier
 
 #: Exit codes of a supervisor process (sysexits.h values where one fits).
@@ -142,6 +145,7 @@ class Supervisor:
         data_dir: str | None = None,
     ) -> None:
         self._data_dir = data_dir  # the workers' (persisted agents)
+        self._specs_journal: Journal | None = None
         self._notifier = notifier
         self._on_reload = on_reload  # SIGHUP (install_signal_wakeup routes it here)
         self._instance = instance
@@ -205,7 +209,10 @@ class Supervisor:
             )
             if self._pin:
                 proc.pin(index)
-            worker = Worker(index, self._instance, self._control, reader, self._arena, generation)
+            worker = Worker(
+                index, self._instance, self._control, reader, self._arena, generation,
+                self._data_dir,
+            )  # fmt: skip
             code = worker.run()
         except BaseException:
             log.exception("[PID %d] worker w%02d crashed", os.getpid(), index)
@@ -249,6 +256,8 @@ class Supervisor:
         if self._notifier is not None:
             self._notifier.stopping(status="draining workers")
         self._shutdown()
+        if self._specs_journal is not None:
+            self._specs_journal.close()
         return self.exit_code
 
     @property
@@ -277,7 +286,6 @@ class Supervisor:
         child.pidfd = -1
         running_client, running_task = self._control.running(child.index)
         self._retire_ring(child)
-        self._free_agent_names(child.index)
         now = time.monotonic()
         self._restarts.append(now)
         while self._restarts and now - self._restarts[0] > self._policy.within_s:
@@ -295,22 +303,60 @@ class Supervisor:
         old_pid = child.pid
         self._spawn(child)
         self._control.add_restart(child.index)
+        self._restart_agents(child.index)
         self._notify_lost(child, old_pid, code, running_client, running_task)
 
-    def _free_agent_names(self, index: int) -> None:
-        """The agents of a dead worker died with it: free their names (kernel/agentd.py)."""
+    def _restart_agents(self, index: int) -> None:
+        """The agents of dead worker ``index`` died with it: start them again on the other
+        workers from their spawn specs, or free their names (kernel/agentd.py). Called
+        after the replacement was forked, so a lone worker's agents go to it."""
         try:
             registry = Registry.open(self._instance)
         except (SegmentError, OSError):
-            return  # a kernel without agents' registry
+            return  # a kernel without an agent registry
         try:
-            freed = registry.release_worker(index)
+            names = [name for name, worker in registry.entries() if worker == index]
+            if not names:
+                return
+            specs = self._agent_specs()
+            targets = [c for c in self._children if c.index != index] or [self._children[index]]
+            restarted = 0
+            for k, name in enumerate(names):
+                raw = specs.get(name.encode()) if specs is not None else None
+                spec = decode_spec(raw) if raw is not None else None
+                target = targets[k % len(targets)]
+                if spec is None or spec.restart == "temporary" or target.writer is None:
+                    registry.release(name, worker=index)
+                    continue
+                registry.move(name, target.index)
+                frame = encode(SpawnAgent(
+                    target.index, 0, name, spec.cls, spec.args, spec.restart, spec.persist,
+                    spec.mailbox,
+                ))  # fmt: skip
+                try:
+                    target.writer.send_many([frame], timeout=1.0)
+                    restarted += 1
+                except IPCError:
+                    registry.release(name, worker=target.index)
+            log.warning(
+                "[PID %d] agents_restarted from=w%02d count=%d lost=%d",
+                os.getpid(), index, restarted, len(names) - restarted,
+            )  # fmt: skip
         finally:
             registry.close()
-        if freed:
-            log.warning(
-                "[PID %d] agents_lost worker=w%02d count=%d", os.getpid(), index, len(freed)
-            )
+
+    def _agent_specs(self) -> Table | None:
+        if self._data_dir is None:
+            return None
+        if self._specs_journal is None:
+            try:
+                self._specs_journal = Journal.open(
+                    os.path.join(self._data_dir, RUNTIME_JOURNAL), sync=False
+                )
+            except JournalError:
+                log.exception("[PID %d] cannot open the agents' spawn specs", os.getpid())
+                return None
+        return self._specs_journal.table(SPECS_TABLE)
 
     def _retire_ring(self, child: _Child) -> None:
         if child.writer is not None:

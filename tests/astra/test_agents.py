@@ -144,17 +144,32 @@ def test_kill_drops_the_agent_and_frees_its_name(kernel):
 
 
 @pytest.mark.slow
-def test_a_worker_killed_fails_its_pending_asks_and_frees_the_names(kernel):
+def test_a_worker_killed_fails_its_pending_asks_and_its_agents_restart_elsewhere(kernel):
     slow = kernel.spawn(Slow, name="victim", worker=1)
+    gone = kernel.spawn(Slow, name="temp", worker=1, restart="temporary")
     other = kernel.spawn(Counter, name="survivor", worker=0)
     pending = slow.ask("block", 5.0)
-    wait_until(lambda: kernel._control.worker(1).pid > 0, timeout_s=5)
     time.sleep(0.1)
     os.kill(kernel._control.worker(1).pid, signal.SIGKILL)
     with pytest.raises(AgentCrashedError):
         pending.result(timeout=10)
-    wait_until(lambda: _gone(kernel, "victim"), timeout_s=10)
+    registry = kernel._agents.registry
+    wait_until(lambda: registry.lookup("victim") == 0, timeout_s=10)
+    assert slow.ask("block", 0.0).result(timeout=10) == 0.0  # restarted on w00
+    wait_until(lambda: _gone(kernel, gone.name), timeout_s=10)  # temporary: not restarted
     assert other.ask("add", 1).result(timeout=10) == 1
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_100_persisted_agents_they_resume_elsewhere(kernel):
+    refs = [kernel.spawn(Counter, i, persist=True, worker=1) for i in range(100)]
+    assert [r.ask("add", 1000).result(timeout=10) for r in refs] == [i + 1000 for i in range(100)]
+    os.kill(kernel._control.worker(1).pid, signal.SIGKILL)
+    registry = kernel._agents.registry
+    wait_until(lambda: all(registry.lookup(r.name) == 0 for r in refs), timeout_s=10)
+    # Each replied after its checkpoint was written: nothing acknowledged is lost.
+    assert [r.ask("value").result(timeout=10) for r in refs] == [i + 1000 for i in range(100)]
+    assert refs[0].ask("pid").result(timeout=10) == kernel._control.worker(0).pid
 
 
 @pytest.mark.slow

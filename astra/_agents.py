@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 
 from kernel import actors, function_key, shipping
 from kernel.agentd import client_origin
-from kernel.messages import AgentCall, AgentReply, SpawnAgent, StopAgent, encode
+from kernel.messages import AgentCall, AgentReply, ListAgents, SpawnAgent, StopAgent, encode
 from kernel.registry import Registry
 
 from ._errors import (
@@ -244,6 +244,23 @@ class Agents:
         call_id, future = self._new_call(worker)
         self._send(worker, encode(StopAgent(self._origin(), call_id, name, kill)))
         future.result(timeout)
+
+    def rows(self, timeout: float | None) -> list[dict[str, object]]:
+        """One dict per running agent: name, class, worker, mailbox, handled, state,
+        restarts (asked of every worker)."""
+        asks = []
+        for worker in range(self._client.workers):
+            call_id, future = self._new_call(worker)
+            self._send(worker, encode(ListAgents(self._origin(), call_id)))
+            asks.append((worker, future))
+        rows: list[dict[str, object]] = []
+        for worker, future in asks:
+            for name, cls, mailbox, handled, state, restarts in future.result(timeout):  # type: ignore[attr-defined]
+                rows.append({
+                    "name": name, "class": cls, "worker": worker, "mailbox": mailbox,
+                    "handled": handled, "state": state, "restarts": restarts,
+                })  # fmt: skip
+        return sorted(rows, key=lambda r: str(r["name"]))
 
     def _forget(self, call_id: int) -> None:
         with self._lock:

@@ -41,6 +41,8 @@ from kernel import (
     run_daemon,
 )
 
+from ._errors import AgentNotFoundError, AstraError
+from ._kernel import connect
 from ._service import UNIT_NAME, install_unit, render_unit
 from ._version import __version__
 
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 #: Exit codes (sysexits.h values where one fits).
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 64
+EXIT_NOT_FOUND: Final = 1  # astra kill: no agent of that name
 EXIT_UNAVAILABLE: Final = 69
 EXIT_TEMPFAIL: Final = 75  # astrad: another live astrad has this name
 EXIT_OSERR: Final = 71  # astrad: an operating-system error at start (a port in use...)
@@ -72,10 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("status", "the daemon's instance, uptime and workers"),
         ("metrics", "the daemon's metrics in the Prometheus text format"),
-        ("ps", "the processes of running daemons"),
+        ("ps", "the processes and agents of running daemons"),
         ("stop", "stop a daemon (SIGTERM: it drains, then exits)"),
+        ("kill", "stop an agent at once, dropping its mailbox"),
     ):
         p = sub.add_parser(name, help=text)
+        if name == "kill":
+            p.add_argument("agent", help="the agent's name")
         p.add_argument("--name", default="default", help="daemon name (default: default)")
         p.add_argument("--state-dir", default=None, help="daemon state directory")
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return _top(args)
     if args.command == "stop":
         return _stop(args)
+    if args.command == "kill":
+        return _kill(args)
     if args.command == "demo":
         return _demo(args.workers)
     if args.command == "service":
@@ -286,7 +294,8 @@ def _worker_line(w: dict[str, Any]) -> str:
 
 
 def _ps(args: argparse.Namespace) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
+    agents: list[dict[str, Any]] = []
     for state in list_states(args.state_dir):
         if not is_alive(state.pid, state.start):
             continue
@@ -300,12 +309,52 @@ def _ps(args: argparse.Namespace) -> int:
                 rows.append({"name": state.name, "pid": child.pid, "role": child.name()})
             except psutil.Error:
                 continue
+        agents += [{"daemon": state.name, **row} for row in _agent_rows(state.name, args)]
     if args.json:
-        print(json.dumps(rows))
-    else:
-        print(f"{'name':<16}{'pid':>8}  role")
-        for r in rows:
-            print(f"{r['name']:<16}{r['pid']:>8}  {r['role']}")
+        print(json.dumps({"processes": rows, "agents": agents}))
+        return EXIT_OK
+    print(f"{'name':<16}{'pid':>8}  role")
+    for r in rows:
+        print(f"{r['name']:<16}{r['pid']:>8}  {r['role']}")
+    if agents:
+        print()
+        print(
+            f"{'agent':<24}{'class':<20}{'worker':>7}{'mailbox':>9}{'handled':>9}"
+            f"  {'state':<9}{'restarts':>8}"
+        )
+        for a in agents:
+            worker = f"w{a['worker']:02d}"
+            print(
+                f"{a['name']:<24}{a['class']:<20}{worker:>7}{a['mailbox']:>9}"
+                f"{a['handled']:>9}  {a['state']:<9}{a['restarts']:>8}"
+            )
+    return EXIT_OK
+
+
+def _agent_rows(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The agents of daemon ``name``, asked through a short-lived client ([] if it has
+    no free client slot or is stopping)."""
+    try:
+        with connect(name, state_dir=args.state_dir) as client:
+            return client.agents(timeout=5.0)
+    except (AstraError, TimeoutError, OSError):
+        return []
+
+
+def _kill(args: argparse.Namespace) -> int:
+    if _live_state(args) is None:
+        return EXIT_UNAVAILABLE
+    try:
+        with connect(args.name, state_dir=args.state_dir) as client:
+            client.kill(args.agent)
+    except AgentNotFoundError:
+        print(f"astra: no agent named {args.agent!r}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except (AstraError, TimeoutError) as exc:
+        print(f"astra: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if not args.json:
+        print(f"killed {args.agent}")
     return EXIT_OK
 
 

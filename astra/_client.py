@@ -495,6 +495,11 @@ class Client:
         (``papers.*``: one segment, ``papers.#``: any), once each."""
         self._agents.publish(topic, msg)
 
+    def agents(self, timeout: float | None = 10.0) -> list[dict[str, object]]:
+        """A row per running agent (name, class, worker, mailbox, handled, state,
+        restarts), as ``astra ps`` prints them."""
+        return self._agents.rows(timeout)
+
     def kill(self, name: str, timeout: float | None = 30.0) -> None:
         """Stop agent ``name`` now, dropping its mailbox. Raises ``AgentNotFoundError``."""
         self._agents.stop(name, kill=True, timeout=timeout)

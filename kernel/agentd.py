@@ -64,7 +64,7 @@ from .actors import (
 )
 from .journal import Journal, Table
 from .logs import log_event
-from .messages import AgentCall, AgentReply, SpawnAgent, StopAgent, encode
+from .messages import AgentCall, AgentReply, ListAgents, SpawnAgent, StopAgent, encode
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 _Args = tuple[tuple[object, ...], dict[str, object]]
+_Frame = SpawnAgent | AgentCall | AgentReply | StopAgent | ListAgents
 
 #: How long a tell waits for room in a full mailbox before it is dropped (and logged).
 TELL_WAIT_S: Final = float(os.getenv("ASTRA_TELL_WAIT_S", "5.0"))
@@ -148,7 +149,7 @@ class AgentService:
 
     # ---- From the worker's main thread ----
 
-    def on_frame(self, msg: SpawnAgent | AgentCall | AgentReply | StopAgent) -> None:
+    def on_frame(self, msg: _Frame) -> None:
         self._loop.call_soon_threadsafe(self._dispatch, msg)
 
     def close(self) -> None:
@@ -172,7 +173,7 @@ class AgentService:
             self._registry = Registry.open(self._worker.instance)
         return self._registry
 
-    def _dispatch(self, msg: SpawnAgent | AgentCall | AgentReply | StopAgent) -> None:
+    def _dispatch(self, msg: _Frame) -> None:
         try:
             if isinstance(msg, AgentCall):
                 self._call(msg)
@@ -180,6 +181,8 @@ class AgentService:
                 self._resolve(msg)
             elif isinstance(msg, SpawnAgent):
                 self._spawn(msg)
+            elif isinstance(msg, ListAgents):
+                self._send_to(msg.reply_to, pack_reply(msg.call_id, True, self.stats()))
             else:
                 self._stop(msg)
         except Exception:  # a bug here must not take the loop down

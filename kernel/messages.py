@@ -25,6 +25,7 @@ __all__ = [
     "CancelRun",
     "ErrorKind",
     "KernelMessage",
+    "ListAgents",
     "RunTask",
     "SpawnAgent",
     "StealReply",
@@ -115,6 +116,14 @@ class StopAgent(msgspec.Struct, frozen=True, tag=211, array_like=True, gc=False)
     kill: bool  #: drop its mailbox instead of finishing it
 
 
+class ListAgents(msgspec.Struct, frozen=True, tag=212, array_like=True, gc=False):
+    """Call: the rows of this worker's agents (``astra ps``). Answered by ``AgentReply``
+    with a list of (name, class, mailbox, handled, state, restarts)."""
+
+    reply_to: int  #: the origin code of who waits
+    call_id: int  #: echoed in the reply
+
+
 class TaskError(msgspec.Struct, frozen=True, tag=204, array_like=True, gc=False):
     """Reply: the task did not produce a result. ``kind`` says why (``ErrorKind``)."""
 
@@ -199,6 +208,7 @@ KernelMessage = (
     | AgentCall
     | AgentReply
     | StopAgent
+    | ListAgents
 )
 
 #: Tag number -> envelope type, for the kernel's own messages (``ipc`` owns 1-199).
@@ -215,6 +225,7 @@ KERNEL_TAGS: Final[dict[int, type[KernelMessage]]] = {
     209: AgentCall,
     210: AgentReply,
     211: StopAgent,
+    212: ListAgents,
 }
 for _tag, _cls in KERNEL_TAGS.items():
     assert _cls.__struct_config__.tag == _tag, (_cls, _tag)

@@ -67,6 +67,7 @@ from .messages import (
     AgentReply,
     CancelRun,
     ErrorKind,
+    ListAgents,
     RunTask,
     SpawnAgent,
     StealReply,
@@ -297,7 +298,7 @@ class Worker:
                     self._on_steal_reply(msg)
                 elif isinstance(msg, Wake):
                     self._hinted = True
-                elif isinstance(msg, (AgentCall, AgentReply, SpawnAgent, StopAgent)):
+                elif isinstance(msg, (AgentCall, AgentReply, SpawnAgent, StopAgent, ListAgents)):
                     self._agents().on_frame(msg)
                 elif isinstance(msg, StopWorker):
                     self._draining = True

@@ -27,8 +27,10 @@ def test_status_ps_and_stop_speak_json(astrad, capsys):
         assert w["tasks_done"] == 0
         assert w["queued"] == 0
     assert main(["ps", "--state-dir", astrad.state_dir, "--json"]) == EXIT_OK
-    roles = sorted(r["role"] for r in json.loads(capsys.readouterr().out))
+    listing = json.loads(capsys.readouterr().out)
+    roles = sorted(r["role"] for r in listing["processes"])
     assert roles == ["astra-w00", "astra-w01", "astrad"]
+    assert listing["agents"] == []
     assert main(["stop", *where]) == EXIT_OK
     assert json.loads(capsys.readouterr().out)["stopped"] is True
     assert astrad.proc.wait(10) == 0
@@ -74,3 +76,27 @@ def test_demo_runs_a_small_task_demo():
     assert "embedded kernel ready in" in out
     assert "squares: [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in out
     assert "kernel stopped" in out
+
+
+@pytest.mark.slow
+def test_ps_lists_agents_and_kill_stops_one(astrad, capsys):
+    from tests.astra.agents import Counter
+
+    where = ["--name", astrad.name, "--state-dir", astrad.state_dir]
+    with astrad.connect() as client:
+        client.spawn(Counter, 1, name="keeper", worker=0)
+        doomed = client.spawn(Counter, 2, name="doomed", worker=1)
+        doomed.ask("add", 1).result(timeout=10)
+        assert main(["ps", "--state-dir", astrad.state_dir, "--json"]) == EXIT_OK
+        agents = {a["name"]: a for a in json.loads(capsys.readouterr().out)["agents"]}
+        assert set(agents) == {"keeper", "doomed"}
+        assert agents["doomed"]["worker"] == 1
+        assert agents["doomed"]["handled"] == 1
+        assert agents["doomed"]["class"].endswith("Counter")
+        assert main(["ps", "--state-dir", astrad.state_dir]) == EXIT_OK
+        assert "doomed" in capsys.readouterr().out
+        assert main(["kill", "doomed", *where]) == EXIT_OK
+        assert "killed doomed" in capsys.readouterr().out
+        assert [a["name"] for a in client.agents()] == ["keeper"]
+        assert main(["kill", "doomed", *where]) == 1
+        assert "no agent" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = ["SPAWN_TIMEOUT_S", "AgentRef", "Agents"]
 
+import contextlib
 import itertools
 import os
 import threading
@@ -136,15 +137,17 @@ class Agents:
     def spawn(
         self,
         cls: type[actors.Agent],
-        args: tuple[object, ...],
-        kwargs: dict[str, object],
+        argses: list[tuple[tuple[object, ...], dict[str, object]]],
         *,
-        name: str | None,
+        names: list[str | None],
         restart: str,
         persist: bool,
         worker: int | None,
         mailbox: int,
-    ) -> AgentRef:
+    ) -> list[AgentRef]:
+        """Start ``len(argses)`` agents of ``cls``: every name claimed and every
+        ``SpawnAgent`` sent before waiting for any answer. All or nothing: if one fails,
+        the others are killed and its error is raised."""
         if not (isinstance(cls, type) and issubclass(cls, actors.Agent)):
             raise TypeError(f"agents subclass astra.Agent; got {cls!r}")
         if restart not in ("permanent", "on-failure", "temporary"):
@@ -152,34 +155,56 @@ class Agents:
         workers = self._client.workers
         if worker is not None and not 0 <= worker < workers:
             raise ValueError(f"worker={worker}: this kernel has workers 0-{workers - 1}")
-        if worker is None:
-            with self._lock:
-                self._rr = (self._rr + 1) % workers
-                worker = self._rr
-        name = name or f"{cls.__name__.lower()}-{uuid.uuid4().hex[:10]}"
         try:
             _, cls_data = function_key(cls)
-            arg_data = shipping.dumps((args, kwargs))
+            datas = [shipping.dumps(a) for a in argses]
         except shipping.ShippingError as exc:
             raise SerializationError(str(exc)) from exc.__cause__
+        origin = self._origin()
+        started: list[tuple[str, int, Future[object]]] = []
+        frames: dict[int, list[bytes]] = {}
         try:
-            claimed = self.registry.claim(name, worker)
-        except ValueError as exc:
-            raise AgentError(str(exc)) from None
-        if not claimed:
-            raise AgentError(f"an agent named {name!r} already runs")
-        call_id, future = self._new_call(worker)
-        frame = encode(SpawnAgent(
-            self._origin(), call_id, name, cls_data, arg_data, restart, persist, mailbox
-        ))  # fmt: skip
-        try:
-            self._send(worker, frame)
-            future.result(SPAWN_TIMEOUT_S)
+            for data, name in zip(datas, names, strict=True):
+                place = worker if worker is not None else self._next_worker(workers)
+                name = name or f"{cls.__name__.lower()}-{uuid.uuid4().hex[:10]}"
+                try:
+                    claimed = self.registry.claim(name, place)
+                except ValueError as exc:
+                    raise AgentError(str(exc)) from None
+                if not claimed:
+                    raise AgentError(f"an agent named {name!r} already runs")
+                call_id, future = self._new_call(place)
+                started.append((name, place, future))
+                msg = SpawnAgent(origin, call_id, name, cls_data, data, restart, persist, mailbox)
+                frames.setdefault(place, []).append(encode(msg))
+            client = self._client
+            client._check_usable()
+            for place, batch in frames.items():
+                client._push(client._links[place], batch)
+            deadline = time.monotonic() + SPAWN_TIMEOUT_S
+            for _, _, future in started:
+                future.exception(max(0.0, deadline - time.monotonic()))
+            failed = next((f for _, _, f in started if f.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()  # type: ignore[misc]
         except BaseException:
-            self._forget(call_id)
-            self.registry.release(name, worker=worker)  # the worker freed it already if it ran
+            self._undo(started)
             raise
-        return AgentRef(self, name)
+        return [AgentRef(self, name) for name, _, _ in started]
+
+    def _next_worker(self, workers: int) -> int:
+        with self._lock:
+            self._rr = (self._rr + 1) % workers
+            return self._rr
+
+    def _undo(self, started: list[tuple[str, int, Future[object]]]) -> None:
+        """After a failed spawn: kill what did start, free every name claimed."""
+        for name, place, future in started:
+            ok = future.done() and not future.cancelled() and future.exception() is None
+            if ok:
+                with contextlib.suppress(AgentError):
+                    self.stop(name, kill=True, timeout=SPAWN_TIMEOUT_S)
+            self.registry.release(name, worker=place)
 
     def lookup(self, name: str) -> AgentRef:
         try:

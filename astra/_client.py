@@ -482,7 +482,31 @@ class Client:
         ``mailbox``: capacity (default 1024 messages). Raises ``AgentError`` if the name
         is taken, ``SerializationError`` if the class or arguments will not pickle."""
         return self._agents.spawn(
-            cls, args, kwargs, name=name, restart=restart, persist=persist, worker=worker,
+            cls, [(args, kwargs)], names=[name], restart=restart, persist=persist,
+            worker=worker, mailbox=mailbox,
+        )[0]  # fmt: skip
+
+    def spawn_many(
+        self,
+        cls: type[Agent],
+        args: Iterable[tuple[object, ...]],
+        /,
+        *,
+        names: Iterable[str | None] | None = None,
+        restart: str = "on-failure",
+        persist: bool = False,
+        worker: int | None = None,
+        mailbox: int = 0,
+    ) -> list[AgentRef]:
+        """``[spawn(cls, *a, ...) for a in args]`` in one go: every spawn is sent before
+        any answer is awaited (10,000 agents in a fraction of a second). All or nothing:
+        if one fails, the others are killed and its error is raised."""
+        argses: list[tuple[tuple[object, ...], dict[str, object]]] = [(tuple(a), {}) for a in args]
+        name_list: list[str | None] = list(names) if names is not None else [None] * len(argses)
+        if len(name_list) != len(argses):
+            raise ValueError(f"{len(name_list)} names for {len(argses)} agents")
+        return self._agents.spawn(
+            cls, argses, names=name_list, restart=restart, persist=persist, worker=worker,
             mailbox=mailbox,
         )  # fmt: skip
 

@@ -172,9 +172,20 @@ def test_a_worker_killed_with_100_persisted_agents_they_resume_elsewhere(kernel)
     assert refs[0].ask("pid").result(timeout=10) == kernel._control.worker(0).pid
 
 
+def test_spawn_many_is_all_or_nothing(kernel):
+    refs = kernel.spawn_many(Counter, [(i,) for i in range(50)], names=[f"m{i}" for i in range(50)])
+    assert [r.ask("value").result(timeout=10) for r in refs] == list(range(50))
+    with pytest.raises(AgentError, match="already runs"):
+        kernel.spawn_many(Counter, [(1,), (2,), (3,)], names=["fresh1", "m7", "fresh2"])
+    with pytest.raises(TypeError):  # __init__ fails in the worker for one of them
+        kernel.spawn_many(Counter, [(1,), (1, 2, 3)], names=["ok1", "bad"])
+    names = {a["name"] for a in kernel.agents()}
+    assert names == {f"m{i}" for i in range(50)}  # nothing of the failed batches is left
+
+
 @pytest.mark.slow
 def test_ten_thousand_agents_each_asked_once(kernel):
-    refs = [kernel.spawn(Counter, i) for i in range(10_000)]
+    refs = kernel.spawn_many(Counter, [(i,) for i in range(10_000)])
     futures = [r.ask("value") for r in refs]
     assert [f.result(timeout=60) for f in futures] == list(range(10_000))
     assert isinstance(refs[0], astra.AgentRef)

@@ -21,11 +21,16 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Final
 
+import numpy as np
+
+from ipc import IPCError
 from kernel import actors, function_key, shipping
 from kernel.agentd import client_origin
 from kernel.messages import AgentCall, AgentReply, ListAgents, SpawnAgent, StopAgent, encode
 from kernel.registry import Registry
+from kernel.worker import ARENA_THRESHOLD_BYTES
 
+from . import _deps
 from ._errors import (
     AgentCrashedError,
     AgentError,
@@ -39,6 +44,8 @@ from ._errors import (
 from ._future import Future
 
 if TYPE_CHECKING:
+    from ipc import ArrayRef
+
     from ._client import Client
 
 #: How long ``spawn`` waits for the worker to build the agent.
@@ -233,14 +240,11 @@ class Agents:
             failed: Future[object] = Future()
             failed.set_exception(exc)
             return failed
-        try:
-            data = shipping.dumps((args, kwargs))
-        except shipping.ShippingError as exc:
-            raise SerializationError(str(exc)) from exc.__cause__
+        data, refs = self._pack(worker, args, kwargs)
         call_id, future = self._new_call(worker) if ask else (0, Future[object]())
         frame = encode(AgentCall(
             self._origin(), call_id, name, method, data, self._sender(), self._msg_id(), ask,
-            timeout or 0.0,
+            timeout or 0.0, "", refs,
         ))  # fmt: skip
         try:
             self._send(worker, frame)
@@ -250,6 +254,42 @@ class Agents:
         if not ask:
             future.set_result(None)
         return future
+
+    def _pack(
+        self, worker: int, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> tuple[bytes, bool]:
+        """Pickle a message's arguments. Numpy arrays of ``ARENA_THRESHOLD_BYTES`` or more
+        go into the arena once, by reference, with the hold handed to the agent's worker
+        (it drops it when the agent lets go of the array); (data, refs used)."""
+        client = self._client
+        arena = client._arena
+        big = arena is not None and any(
+            a.nbytes >= ARENA_THRESHOLD_BYTES  # type: ignore[attr-defined]
+            for a in _deps.find(args, kwargs, np.ndarray)
+        )
+        try:
+            if not big:
+                return shipping.dumps((args, kwargs)), False
+            assert arena is not None
+            pid = client._control.worker(worker).pid
+            refs: list[ArrayRef] = []
+
+            def to_ref(obj: object) -> ArrayRef | None:
+                if not isinstance(obj, np.ndarray) or obj.nbytes < ARENA_THRESHOLD_BYTES:
+                    return None
+                ref = arena.put(obj)
+                refs.append(ref)
+                try:
+                    arena.hand_to(ref, pid)  # the worker's hold, before it sees the ref
+                finally:
+                    arena.release(ref)
+                return ref
+
+            return shipping.dumps_refs((args, kwargs), to_ref), True
+        except shipping.ShippingError as exc:
+            raise SerializationError(str(exc)) from exc.__cause__
+        except (IPCError, ProcessLookupError) as exc:
+            raise AgentCrashedError(f"cannot hand arrays to worker w{worker:02d}: {exc}") from exc
 
     def publish(self, topic: str, payload: object) -> None:
         try:

@@ -47,9 +47,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import weakref
 from typing import TYPE_CHECKING, Final, cast
 
 import msgspec
+
+from ipc import IPCError
 
 from . import shipping
 from .actors import (
@@ -68,6 +71,8 @@ from .messages import AgentCall, AgentReply, ListAgents, SpawnAgent, StopAgent, 
 from .registry import Registry
 
 if TYPE_CHECKING:
+    from ipc import Arena, ArrayRef
+
     from .actors import Agent
     from .worker import Worker
 
@@ -222,7 +227,10 @@ class AgentService:
             self._refuse(msg, AgentNotFoundError(f"no agent {msg.target!r} on w{self.index:02d}"))
             return
         try:
-            args, kwargs = cast("_Args", shipping.loads(msg.args))
+            loaded = (
+                shipping.loads_refs(msg.args, self._view) if msg.refs else shipping.loads(msg.args)
+            )
+            args, kwargs = cast("_Args", loaded)
         except shipping.ShippingError as exc:
             self._refuse(msg, exc)
             return
@@ -248,6 +256,16 @@ class AgentService:
             )
         except AgentError as exc:
             self._refuse(msg, exc)
+
+    def _view(self, ref: ArrayRef) -> object:
+        """An array argument in the arena: a read-only view that holds this worker's hold
+        (handed over by the sender) for as long as the agent keeps it."""
+        arena = self._worker.arena
+        if arena is None:
+            raise shipping.ShippingError("an arena argument reached a worker without an arena")
+        view = arena.view(ref)
+        weakref.finalize(view, _release, arena, ref)
+        return view
 
     def _refuse(self, msg: AgentCall, exc: BaseException) -> None:
         if msg.ask:
@@ -381,6 +399,11 @@ class AgentService:
             (s.id, s.cls, s.mailbox, s.handled, s.state.name.lower(), s.restarts)
             for s in self._host.stats()
         ]
+
+
+def _release(arena: Arena, ref: ArrayRef) -> None:
+    with contextlib.suppress(IPCError):
+        arena.release(ref)
 
 
 def _rebuild(msg: AgentReply) -> BaseException:

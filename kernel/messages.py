@@ -94,6 +94,7 @@ class AgentCall(msgspec.Struct, frozen=True, tag=209, array_like=True, gc=False)
     ask: bool  #: an answer is wanted
     timeout_s: float = 0.0  #: how long a full mailbox may hold the message back; 0: default
     topic: str = ""  #: a published event's topic
+    refs: bool = False  #: ``args`` holds arena references, held for this worker's process
 
 
 class AgentReply(msgspec.Struct, frozen=True, tag=210, array_like=True, gc=False):

@@ -609,6 +609,10 @@ class Worker:
     def workers(self) -> int:
         return self._control.workers
 
+    @property
+    def arena(self) -> Arena | None:
+        return self._arena
+
     def state_path(self, name: str) -> str:
         """A path under this kernel's data directory (persisted agent state)."""
         from .daemon import default_state_dir  # a cycle at import: daemon imports us

@@ -77,3 +77,20 @@ class Slow(astra.Agent):
         """Busy for ``s`` seconds (one message at a time) without holding the loop."""
         await asyncio.sleep(s)
         return s
+
+
+class Keeper(astra.Agent):
+    """Keeps the arrays it is given (views into the arena, zero copy)."""
+
+    def __init__(self):
+        self.arrays = []
+
+    def keep(self, arr):
+        self.arrays.append(arr)
+        return float(arr.sum()), bool(arr.flags.writeable)
+
+    def total(self):
+        return float(sum(a.sum() for a in self.arrays))
+
+    def drop(self):
+        self.arrays.clear()

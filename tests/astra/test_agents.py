@@ -17,7 +17,7 @@ from astra.errors import (
     MailboxFullError,
     UnknownMethodError,
 )
-from tests.astra.agents import Boom, Counter, Listener, Relay, Sleeper, Slow
+from tests.astra.agents import Boom, Counter, Keeper, Listener, Relay, Sleeper, Slow
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.multiprocess
@@ -189,3 +189,20 @@ def test_ten_thousand_agents_each_asked_once(kernel):
     futures = [r.ask("value") for r in refs]
     assert [f.result(timeout=60) for f in futures] == list(range(10_000))
     assert isinstance(refs[0], astra.AgentRef)
+
+
+def test_large_numpy_arguments_ride_the_arena_and_live_as_long_as_the_agent_keeps_them(kernel):
+    import gc
+
+    import numpy as np
+
+    keeper = kernel.spawn(Keeper)
+    arr = np.ones(1 << 18)  # 2 MiB
+    assert keeper.ask("keep", arr).result(timeout=10) == (float(1 << 18), False)  # a view
+    del arr
+    gc.collect()
+    blocks = kernel._arena.statistics
+    assert blocks().blocks_used == 1  # the agent still holds it
+    assert keeper.ask("total").result(timeout=10) == float(1 << 18)
+    keeper.ask("drop").result(timeout=10)
+    wait_until(lambda: blocks().blocks_used == 0, timeout_s=10)

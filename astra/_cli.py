@@ -9,6 +9,7 @@ running daemon, ``astra demo`` starts an embedded kernel and runs a small task d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -50,6 +51,8 @@ _log = logging.getLogger("astra.daemon")
 
 if TYPE_CHECKING:
     from kernel import DaemonState
+
+    from ._client import Client
 
 #: Exit codes (sysexits.h values where one fits).
 EXIT_OK: Final = 0
@@ -195,6 +198,7 @@ def _snapshot(state: DaemonState) -> dict[str, Any]:
                 "queued": r.queued,
                 "tasks_done": r.tasks_done,
                 "restarts": r.restarts,
+                "steals": r.steals,
                 # live words, read without the worker's help: a display, not a record
                 "running": _running_label(control.running(r.index)),
                 **_proc_info(r.pid, procs),
@@ -221,11 +225,27 @@ def _top(args: argparse.Namespace) -> int:
     state = _live_state(args)
     if state is None:
         return EXIT_UNAVAILABLE
+    client: Client | None = None
+    with contextlib.suppress(AstraError):  # no free client slot: workers only
+        client = connect(args.name, state_dir=args.state_dir)
+
+    def snapshot() -> dict[str, Any]:
+        snap = _snapshot(state)
+        if client is not None:
+            try:
+                snap["agents"] = client.agents(timeout=2.0)
+            except (AstraError, TimeoutError):
+                snap["agents"] = []
+        return snap
+
     try:
-        return run_top(lambda: _snapshot(state), once=args.once)
+        return run_top(snapshot, once=args.once)
     except (IPCError, OSError) as exc:
         print(f"astra: astrad {args.name!r} went away: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    finally:
+        if client is not None:
+            client.close()
 
 
 def _metrics(args: argparse.Namespace) -> int:

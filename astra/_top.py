@@ -6,8 +6,9 @@ snapshots. ``render_frame`` is pure text, so ``--once`` prints exactly what the 
 shows, and tests can check it without a terminal. The live view uses curses from the
 standard library: ``q`` quits, any other key refreshes at once.
 
-Agents, tool calls and steals join the frame as the agents, sandbox and scheduler issues
-land; the layout leaves them a section each.
+Agents come from the workers through a client of the daemon (``Client.agents()``, once per
+refresh); without a free client slot the frame says so. Tool calls join when the sandbox's
+tool registry lands.
 """
 
 from __future__ import annotations
@@ -29,20 +30,20 @@ REFRESH_S = 1.0
 
 def render_frame(snap: Snapshot, prev: Snapshot | None, dt_s: float) -> list[str]:
     """The lines of one frame; rates (tasks/s) need ``prev`` taken ``dt_s`` seconds earlier."""
-    done_before = {w["id"]: w["tasks_done"] for w in (prev or {}).get("workers", [])}
+    before = {w["id"]: w for w in (prev or {}).get("workers", [])}
     total_rate = 0.0
     rows = []
     for w in snap["workers"]:
-        rate = 0.0
-        if prev is not None and dt_s > 0 and w["id"] in done_before:
-            rate = max(0, w["tasks_done"] - done_before[w["id"]]) / dt_s
+        rate = _rate(w, before.get(w["id"]), "tasks_done", dt_s)
+        steals = _rate(w, before.get(w["id"]), "steals", dt_s)
         total_rate += rate
         core = "-" if w["core"] is None else str(w["core"])
         cpu = "-" if w["cpu_percent"] is None else f"{w['cpu_percent']:.1f}"
         rss = "-" if w["rss_bytes"] is None else f"{w['rss_bytes'] / 2**20:.1f}"
         rows.append(
             f"{w['id']:<7}{w['pid']:>8}{core:>6}{cpu:>7}{rss:>9}{w['queued']:>8}"
-            f"{w['tasks_done']:>11}{rate:>10.0f}{w['restarts']:>9}  {w.get('running', '-')}"
+            f"{w['tasks_done']:>11}{rate:>10.0f}{steals:>9.0f}{w['restarts']:>9}"
+            f"  {w.get('running', '-')}"
         )
     lines = [
         f"astra top - astrad {snap['name']!r} pid {snap['pid']} {snap['state']}, up "
@@ -50,12 +51,48 @@ def render_frame(snap: Snapshot, prev: Snapshot | None, dt_s: float) -> list[str
         f"{total_rate:.0f} tasks/s",
         "",
         f"{'worker':<7}{'pid':>8}{'core':>6}{'cpu%':>7}{'rss MiB':>9}{'queued':>8}"
-        f"{'done':>11}{'tasks/s':>10}{'restarts':>9}  running",
+        f"{'done':>11}{'tasks/s':>10}{'steals/s':>9}{'restarts':>9}  running",
         *rows,
         "",
-        "agents: none (agents arrive with the agents issue)",
+        *_agent_lines(snap.get("agents"), (prev or {}).get("agents"), dt_s),
+        "",
         "tools: none called",
     ]
+    return lines
+
+
+def _rate(now: dict[str, Any], then: dict[str, Any] | None, key: str, dt_s: float) -> float:
+    if then is None or dt_s <= 0 or key not in now or key not in then:
+        return 0.0
+    return float(max(0, now[key] - then[key]) / dt_s)
+
+
+#: Agents shown at most (the busiest first).
+MAX_AGENT_ROWS = 20
+
+
+def _agent_lines(
+    agents: list[dict[str, Any]] | None, prev: list[dict[str, Any]] | None, dt_s: float
+) -> list[str]:
+    if agents is None:
+        return ["agents: not available (no free client slot)"]
+    if not agents:
+        return ["agents: none"]
+    before = {a["name"]: a for a in prev or []}
+    rated = [(_rate(a, before.get(a["name"]), "handled", dt_s), a) for a in agents]
+    rated.sort(key=lambda ra: (-ra[0], -ra[1]["mailbox"], ra[1]["name"]))
+    lines = [
+        f"agents: {len(agents)}",
+        f"{'agent':<24}{'worker':>7}{'mailbox':>9}  {'state':<9}{'msgs/s':>8}{'restarts':>9}",
+    ]
+    for rate, a in rated[:MAX_AGENT_ROWS]:
+        worker = f"w{a['worker']:02d}"
+        lines.append(
+            f"{a['name'][:23]:<24}{worker:>7}{a['mailbox']:>9}  {a['state']:<9}{rate:>8.0f}"
+            f"{a['restarts']:>9}"
+        )
+    if len(agents) > MAX_AGENT_ROWS:
+        lines.append(f"... and {len(agents) - MAX_AGENT_ROWS} more")
     return lines
 
 

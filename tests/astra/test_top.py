@@ -13,6 +13,7 @@ import pytest
 
 from astra._cli import EXIT_OK, main
 from astra._top import render_frame
+from tests.astra.agents import Counter
 from tests.astra.conftest import Astrad
 from tests.astra.tasks import square
 
@@ -32,9 +33,24 @@ def test_frame_shows_workers_and_rates():
     lines = render_frame(SNAP, prev, 2.0)
     assert "20 tasks/s" in lines[0]  # (20 + 20) / 2 s
     w00 = next(line for line in lines if line.startswith("w00"))
-    assert w00.split() == ["w00", "11", "0", "50.0", "2.0", "3", "100", "10", "0", "c0:t7"]
+    assert w00.split() == ["w00", "11", "0", "50.0", "2.0", "3", "100", "10", "0", "0", "c0:t7"]
     w01 = next(line for line in lines if line.startswith("w01"))
     assert w01.split()[2:5] == ["-", "-", "-"]
+    assert "agents: not available (no free client slot)" in lines
+    assert "agents: none" in render_frame({**SNAP, "agents": []}, None, 1.0)
+
+
+def test_frame_shows_agents_busiest_first():
+    agents = [
+        {"name": "idle", "worker": 0, "mailbox": 0, "handled": 5, "state": "idle", "restarts": 0},
+        {"name": "busy", "worker": 1, "mailbox": 7, "handled": 50, "state": "running",
+         "restarts": 2},
+    ]  # fmt: skip
+    prev_agents = [{**a, "handled": 5} for a in agents]
+    lines = render_frame({**SNAP, "agents": agents}, {**SNAP, "agents": prev_agents}, 1.0)
+    start = lines.index("agents: 2")
+    assert lines[start + 2].split() == ["busy", "w01", "7", "running", "45", "2"]
+    assert lines[start + 3].split() == ["idle", "w00", "0", "idle", "0", "0"]
 
 
 def _read_until(fd: int, pattern: bytes, timeout_s: float = 20.0) -> bytes:
@@ -72,6 +88,10 @@ def test_top_in_a_pty_shows_live_workers_and_quits_on_q(tmp_path):
             # a later frame shows them as a rate (curses redraws only what changed, so
             # look for the header's figure rather than whole rows)
             _read_until(master, rb"[1-9]\d* tasks/s")
+            watched = client.spawn(Counter, 0, name="watched")
+            for _ in range(50):
+                watched.tell("add", 1)
+            _read_until(master, rb"watched.*w0[01]")  # the agent's row, new in the frame
         os.write(master, b"q")
         assert proc.wait(timeout=10) == 0
     finally:

@@ -13,6 +13,7 @@ from ._client import Client as Client, cancelled as cancelled
 from ._errors import (
     AstraError as AstraError,
     AstraInternalError as AstraInternalError,
+    CapabilityError as CapabilityError,
     CycleError as CycleError,
     KernelNotRunningError as KernelNotRunningError,
     RemoteError as RemoteError,
@@ -25,6 +26,7 @@ from ._errors import (
 from ._future import Future as Future
 from ._graph import Graph as Graph, Node as Node
 from ._kernel import Kernel as Kernel, connect as connect
+from ._tools import tool as tool
 from ._version import __version__ as __version__
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "AgentRef",
     "AstraError",
     "AstraInternalError",
+    "CapabilityError",
     "Client",
     "CycleError",
     "Future",
@@ -49,6 +52,7 @@ __all__ = [
     "cancelled",
     "connect",
     "errors",
+    "tool",
 ]
 
 

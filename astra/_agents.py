@@ -42,8 +42,11 @@ from ._errors import (
     UnknownMethodError,
 )
 from ._future import Future
+from ._tools import resolve as resolve_tool
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ipc import ArrayRef
 
     from ._client import Client
@@ -51,7 +54,7 @@ if TYPE_CHECKING:
 #: How long ``spawn`` waits for the worker to build the agent.
 SPAWN_TIMEOUT_S: Final = float(os.getenv("ASTRA_SPAWN_TIMEOUT_S", "30"))
 
-_TRANSLATE: Final[dict[type[BaseException], type[AgentError]]] = {
+_TRANSLATE: Final[dict[type[BaseException], type[Exception]]] = {
     actors.AgentNotFoundError: AgentNotFoundError,
     actors.MailboxFullError: MailboxFullError,
     actors.AgentCrashedError: AgentCrashedError,
@@ -151,6 +154,7 @@ class Agents:
         persist: bool,
         worker: int | None,
         mailbox: int,
+        tools: Iterable[str] = (),
     ) -> list[AgentRef]:
         """Start ``len(argses)`` agents of ``cls``: every name claimed and every
         ``SpawnAgent`` sent before waiting for any answer. All or nothing: if one fails,
@@ -162,8 +166,10 @@ class Agents:
         workers = self._client.workers
         if worker is not None and not 0 <= worker < workers:
             raise ValueError(f"worker={worker}: this kernel has workers 0-{workers - 1}")
+        grants = {name: resolve_tool(name) for name in tools}  # CapabilityError if unknown
         try:
             _, cls_data = function_key(cls)
+            tools_data = shipping.dumps(grants) if grants else b""
             datas = [shipping.dumps(a) for a in argses]
         except shipping.ShippingError as exc:
             raise SerializationError(str(exc)) from exc.__cause__
@@ -182,7 +188,9 @@ class Agents:
                     raise AgentError(f"an agent named {name!r} already runs")
                 call_id, future = self._new_call(place)
                 started.append((name, place, future))
-                msg = SpawnAgent(origin, call_id, name, cls_data, data, restart, persist, mailbox)
+                msg = SpawnAgent(
+                    origin, call_id, name, cls_data, data, restart, persist, mailbox, tools_data
+                )
                 frames.setdefault(place, []).append(encode(msg))
             client = self._client
             client._check_usable()

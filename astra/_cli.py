@@ -18,6 +18,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 import psutil  # type: ignore[import-untyped]
 
 from ipc import Instance, IPCError, cleanup_stale, is_alive
@@ -41,6 +42,7 @@ from kernel import (
     render_kernel_metrics,
     run_daemon,
 )
+from kernel.tools import read_audit
 
 from ._errors import AgentNotFoundError, AstraError
 from ._kernel import connect
@@ -81,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         ("ps", "the processes and agents of running daemons"),
         ("stop", "stop a daemon (SIGTERM: it drains, then exits)"),
         ("kill", "stop an agent at once, dropping its mailbox"),
+        ("audit", "the daemon's tool calls: agent, tool, outcome, duration, peak RSS"),
     ):
         p = sub.add_parser(name, help=text)
         if name == "kill":
@@ -90,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "stop":
             p.add_argument("--timeout", type=float, default=STOP_TIMEOUT_S)
+        if name == "audit":
+            p.add_argument("--tail", type=int, default=None, help="only the last N calls")
     top = sub.add_parser("top", help="a live view of a running astrad (q quits)")
     top.add_argument("--name", default="default", help="daemon name (default: default)")
     top.add_argument("--state-dir", default=None, help="daemon state directory")
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return _stop(args)
     if args.command == "kill":
         return _kill(args)
+    if args.command == "audit":
+        return _audit(args)
     if args.command == "demo":
         return _demo(args.workers)
     if args.command == "service":
@@ -359,6 +366,23 @@ def _agent_rows(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             return client.agents(timeout=5.0)
     except (AstraError, TimeoutError, OSError):
         return []
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """Reads the audit log from the daemon's data dir (it need not be running)."""
+    root = args.state_dir or default_state_dir()
+    entries = read_audit(os.path.join(root, args.name), tail=args.tail)
+    if args.json:
+        print(json.dumps([msgspec.structs.asdict(e) for e in entries]))
+        return EXIT_OK
+    print(f"{'time':<20}{'agent':<20}{'tool':<14}{'outcome':<20}{'seconds':>8}{'rss KiB':>9}")
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+        print(
+            f"{when:<20}{(e.agent or '-')[:19]:<20}{e.tool[:13]:<14}{e.outcome[:19]:<20}"
+            f"{e.duration_s:>8.3f}{e.peak_rss_kb:>9}"
+        )
+    return EXIT_OK
 
 
 def _kill(args: argparse.Namespace) -> int:

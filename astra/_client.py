@@ -59,6 +59,7 @@ from kernel import (
 )
 from kernel.daemon import default_state_dir
 from kernel.journal import Journal
+from kernel.tools import AuditEntry, read_audit, tool_task
 from kernel.worker import ARENA_THRESHOLD_BYTES
 
 from . import _deps
@@ -74,6 +75,7 @@ from ._errors import (
 )
 from ._future import _DONE as _FUTURE_DONE, Future
 from ._graph import META_KEY, load_graph, run_graph, save_graph
+from ._tools import resolve as resolve_tool
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -171,6 +173,8 @@ class Client:
         self._pid = os.getpid()
         #: Where durable graphs are journaled (``<state_dir>/graphs``); None: the default.
         self.state_dir: str | None = None
+        #: The kernel's data dir (agents' checkpoints, the audit log), as its workers see it.
+        self.data_dir: str | None = None
         self._lock = threading.Lock()
         # taking frames from the reply ring and handling them (re-entered by _on_worker_lost)
         self._rx_lock = threading.RLock()
@@ -472,6 +476,7 @@ class Client:
         persist: bool = False,
         worker: int | None = None,
         mailbox: int = 0,
+        tools: Iterable[str] = (),
         **kwargs: object,
     ) -> AgentRef:
         """Start ``cls(*args, **kwargs)`` as an agent on a worker (round robin, or
@@ -479,11 +484,13 @@ class Client:
         is raised here). ``name`` is unique in the kernel (default: generated).
         ``restart``: "permanent", "on-failure" or "temporary" (kernel/actors.py).
         ``persist``: checkpoint its state after each message; a restart resumes from it.
-        ``mailbox``: capacity (default 1024 messages). Raises ``AgentError`` if the name
-        is taken, ``SerializationError`` if the class or arguments will not pickle."""
+        ``mailbox``: capacity (default 1024 messages). ``tools``: the tools it may call
+        (``self.tool``); others raise ``CapabilityError``. Raises ``AgentError`` if the name
+        is taken, ``SerializationError`` if the class or arguments will not pickle,
+        ``CapabilityError`` for an unknown tool."""
         return self._agents.spawn(
             cls, [(args, kwargs)], names=[name], restart=restart, persist=persist,
-            worker=worker, mailbox=mailbox,
+            worker=worker, mailbox=mailbox, tools=tools,
         )[0]  # fmt: skip
 
     def spawn_many(
@@ -509,6 +516,22 @@ class Client:
             cls, argses, names=name_list, restart=restart, persist=persist, worker=worker,
             mailbox=mailbox,
         )  # fmt: skip
+
+    def call_tool(self, name: str, /, *args: object, **kwargs: object) -> Future[object]:
+        """Run tool ``name`` (``@astra.tool``, or the built-in ``python``/``shell``) in a
+        sandboxed child on a worker; its ``Future`` fails with the sandbox's typed error
+        (``SandboxTimeout``, ``SandboxMemoryError``, ``SandboxViolation``,
+        ``SandboxCrashed``) while the worker carries on. Raises ``CapabilityError`` for an
+        unknown tool. The call is audited (``audit()``, ``astra audit``)."""
+        spec = resolve_tool(name)
+        return self.submit(tool_task, spec, args, kwargs, retries=0)
+
+    def audit(self, tail: int | None = None) -> list[AuditEntry]:
+        """The tool calls of this kernel, oldest first (``kernel.tools.AuditEntry``)."""
+        return read_audit(self._data_dir(), tail=tail)
+
+    def _data_dir(self) -> str:
+        return self.data_dir or default_state_dir()
 
     def agent(self, name: str) -> AgentRef:
         """The running agent called ``name``. Raises ``AgentNotFoundError``."""

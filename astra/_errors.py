@@ -8,16 +8,27 @@
     +-- TaskTimeoutError       a task ran past its timeout=
     +-- SerializationError     a function, argument or result would not (un)pickle
     +-- RemoteError            a task raised an exception that could not cross back
+    +-- UpstreamError          a task's dependency failed (names the root failure)
+    +-- CycleError             a graph has a cycle (also a ValueError)
+    +-- AgentError             misuse of agents (a name taken, not an Agent class)
+        +-- AgentNotFoundError  no live agent of that name (also a LookupError)
+        +-- MailboxFullError    the mailbox stayed full for the ask's timeout
+        +-- AgentCrashedError   the agent or its worker died before answering
+        +-- UnknownMethodError  no such handler (also an AttributeError)
 
+    CapabilityError            a tool not granted (or unknown): kernel.tools' class, re-exported
+                               (a PermissionError), so agents and clients catch the same one
     RemoteTraceback            not raised: the ``__cause__`` of an exception a task raised,
                                holding the worker-side traceback
 
 Lower layers define their own roots (``ipc.IPCError``, ``sandbox.SandboxError``,
-``kernel.KernelError``); the client maps them onto this tree at the boundary, so users never
-meet a kernel class.
+``kernel.KernelError``); the client maps them onto this tree at the boundary (the sandbox's
+typed outcomes, ``SandboxTimeout`` and the like, reach a tool call's future as they are).
 """
 
 from __future__ import annotations
+
+import kernel.tools as _kernel_tools
 
 __all__ = [
     "AgentCrashedError",
@@ -25,6 +36,7 @@ __all__ = [
     "AgentNotFoundError",
     "AstraError",
     "AstraInternalError",
+    "CapabilityError",
     "CycleError",
     "KernelNotRunningError",
     "MailboxFullError",
@@ -120,6 +132,11 @@ class AgentCrashedError(AgentError):
 
 class UnknownMethodError(AgentError, AttributeError):
     """The agent has no handler of that name."""
+
+
+# Raised by the kernel's tool runner (kernel/tools.py), so that agents, workers and
+# clients raise and catch the one class.
+CapabilityError = _kernel_tools.CapabilityError
 
 
 class RemoteError(AstraError):

@@ -18,7 +18,14 @@ from typing import Final
 import posix_ipc
 
 from ipc import Arena, Instance, IPCError, cleanup_stale, is_alive
-from kernel import ControlBlock, RegistrationError, RestartPolicy, fork_supervisor, read_state
+from kernel import (
+    ControlBlock,
+    RegistrationError,
+    RestartPolicy,
+    default_state_dir,
+    fork_supervisor,
+    read_state,
+)
 from kernel.registry import MAX_AGENTS, Registry
 
 from ._client import Client
@@ -104,6 +111,7 @@ class Kernel(Client):
             self._remove_own_data()
             raise
         self._kregistry = registry
+        self.data_dir = data_dir
 
     def _remove_own_data(self) -> None:
         if self._own_data is not None:
@@ -203,6 +211,7 @@ def connect(name: str = "default", *, state_dir: str | None = None) -> Client:
         own = Instance.create()
         client = Client(kinst, control, arena, own)
         client.state_dir = state_dir
+        client.data_dir = os.path.join(state_dir or default_state_dir(), name)
         return client
     except BaseException as exc:
         for obj in (own, arena, control):

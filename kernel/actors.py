@@ -502,6 +502,19 @@ class Agent:
         """Stop receiving events for ``pattern``; returns False if not subscribed."""
         return self._context().unsubscribe(pattern)
 
+    def tool(self, name: str, *args: object, **kwargs: object) -> asyncio.Future[object]:
+        """Run tool ``name`` (granted at spawn with ``tools=[...]``) in a sandbox; await the
+        returned future in an ``async def`` handler for its value. The future fails with
+        ``CapabilityError`` for a tool not granted (nothing runs), or with the sandbox's
+        typed error (``SandboxTimeout``, ``SandboxMemoryError``, ...); the agent carries on.
+        Every call is audited (kernel/tools.py)."""
+        ctx = self._context()
+        tool = getattr(ctx, "tool", None)
+        if tool is None:
+            raise AgentError("this agent's host runs no tools")
+        result: asyncio.Future[object] = tool(name, args, kwargs)
+        return result
+
     def exit(self) -> NoReturn:
         """End this agent normally from inside a handler (the current ask gets None). It is
         restarted only under ``restart="permanent"``."""
@@ -727,6 +740,17 @@ class _Agent:
 
     def unsubscribe(self, pattern: str) -> bool:
         return self.host._topics.unsubscribe(pattern, self.id)
+
+    def tool(
+        self, name: str, args: tuple[object, ...], kwargs: Mapping[str, object]
+    ) -> asyncio.Future[object]:
+        call_tool = getattr(self.host._outbox, "call_tool", None)
+        if call_tool is None:
+            future: asyncio.Future[object] = self.host._loop.create_future()
+            future.set_exception(AgentError("this agent host runs no tools"))
+            return future
+        result: asyncio.Future[object] = call_tool(self.id, name, args, dict(kwargs))
+        return result
 
 
 # ---- Helpers: copying values, agent state ----

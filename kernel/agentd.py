@@ -45,6 +45,7 @@ __all__ = [
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import weakref
@@ -69,6 +70,7 @@ from .journal import Journal, Table
 from .logs import log_event
 from .messages import AgentCall, AgentReply, ListAgents, SpawnAgent, StopAgent, encode
 from .registry import Registry
+from .tools import CapabilityError, ToolSpec, refuse, run_tool
 
 if TYPE_CHECKING:
     from ipc import Arena, ArrayRef
@@ -100,6 +102,7 @@ class AgentSpec(msgspec.Struct, frozen=True, array_like=True, gc=False):
     restart: str
     persist: bool
     mailbox: int
+    tools: bytes = b""
 
 
 _spec_encoder: Final = msgspec.msgpack.Encoder()
@@ -151,6 +154,7 @@ class AgentService:
         self._journal_of: dict[str, Journal] = {}  # agent -> the journal of its checkpoints
         self._host: AgentHost | None = None
         self._names = 0
+        self._grants: dict[str, dict[str, ToolSpec]] = {}  # agent -> the tools it may call
 
     # ---- From the worker's main thread ----
 
@@ -204,7 +208,9 @@ class AgentService:
                 mailbox_capacity=msg.mailbox or None,
                 state=self._checkpoint_of(msg.name) if msg.persist else None,
             )  # fmt: skip
-            spec = AgentSpec(msg.cls, msg.args, msg.restart, msg.persist, msg.mailbox)
+            if msg.tools:
+                self._grants[msg.name] = cast("dict[str, ToolSpec]", shipping.loads(msg.tools))
+            spec = AgentSpec(msg.cls, msg.args, msg.restart, msg.persist, msg.mailbox, msg.tools)
             self._specs().put(msg.name.encode(), encode_spec(spec))
         except Exception as exc:
             self._journal_of.pop(msg.name, None)
@@ -360,7 +366,26 @@ class AgentService:
             raise
         return name
 
+    def call_tool(
+        self, agent_id: str, name: str, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> asyncio.Future[object]:
+        """An agent's ``self.tool(name, ...)``: refused (``CapabilityError``, audited) unless
+        granted at spawn; else run on an executor thread, so the agent's loop goes on."""
+        data_dir = self._worker.state_path("")
+        spec = self._grants.get(agent_id, {}).get(name)
+        if spec is None:
+            future: asyncio.Future[object] = self._loop.create_future()
+            try:
+                refuse(data_dir, agent_id, name, args)
+            except CapabilityError as exc:
+                future.set_exception(exc)
+            return future
+        return self._loop.run_in_executor(
+            None, functools.partial(run_tool, spec, args, kwargs, agent=agent_id, data_dir=data_dir)
+        )
+
     def agent_exited(self, agent_id: str, reason: ExitReason, error: BaseException | None) -> None:
+        self._grants.pop(agent_id, None)
         self.registry.release(agent_id, worker=self.index)
         self._journal_of.pop(agent_id, None)
         self._specs().delete(agent_id.encode())

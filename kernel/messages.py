@@ -77,6 +77,7 @@ class SpawnAgent(msgspec.Struct, frozen=True, tag=208, array_like=True, gc=False
     restart: str  #: "permanent", "on-failure" or "temporary"
     persist: bool  #: checkpoint the agent's state
     mailbox: int = 0  #: mailbox capacity; 0 for the default
+    tools: bytes = b""  #: pickled {name: ToolSpec} of the tools granted to it (kernel/tools.py)
 
 
 class AgentCall(msgspec.Struct, frozen=True, tag=209, array_like=True, gc=False):

@@ -331,7 +331,7 @@ class Supervisor:
                 registry.move(name, target.index)
                 frame = encode(SpawnAgent(
                     target.index, 0, name, spec.cls, spec.args, spec.restart, spec.persist,
-                    spec.mailbox,
+                    spec.mailbox, spec.tools,
                 ))  # fmt: skip
                 try:
                     target.writer.send_many([frame], timeout=1.0)

@@ -97,6 +97,7 @@ from .shipping import (
     loads_refs,
     pack_exception,
 )
+from .tools import set_data_dir
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -163,6 +164,7 @@ class Worker:
         self.index = index
         self.generation = generation
         self._data_dir = data_dir  # where persisted agents' checkpoints live
+        set_data_dir(self.state_path(""))  # tool calls' audit log
         self._log = logging.getLogger(f"astra.worker.w{index:02d}")
         self._instance = instance
         self._control = control

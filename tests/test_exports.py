@@ -13,6 +13,7 @@ def test_astra_exports_are_locked():
         "AgentRef",
         "AstraError",
         "AstraInternalError",
+        "CapabilityError",
         "Client",
         "CycleError",
         "Future",
@@ -30,6 +31,7 @@ def test_astra_exports_are_locked():
         "cancelled",
         "connect",
         "errors",
+        "tool",
     }
     for name in astra.__all__:
         assert hasattr(astra, name)

@@ -90,7 +90,9 @@ def _run(instance, ring: str, count: int, kill_after: int | None = None) -> tupl
     survivors = range(1, PRODUCERS) if kill_after is not None else range(PRODUCERS)
     killed = kill_after is None
     try:
-        while any(checker.next_seq[p] < count for p in survivors):
+        # Until the survivors are done *and* the doomed producer was killed: under load it
+        # may trail the others, and a drain below would then never see the ring empty.
+        while not killed or any(checker.next_seq[p] < count for p in survivors):
             for frame in r.recv_many(timeout=60):
                 checker.check(frame)
             if not killed and checker.next_seq[0] >= kill_after:

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
     from kernel.journal import Journal, Table
 
-    from ._client import Client
+    from ._client import Client, _Task
 
 #: Tasks of one ``run`` in flight at once.
 WINDOW: Final = int(os.getenv("ASTRA_GRAPH_WINDOW", "8192"))
@@ -311,17 +311,21 @@ def run_graph(
 
     try:
         while finished < n:
+            to_send: list[_Task] = []
             while ready and len(in_flight) < WINDOW:
                 i = ready.popleft()
                 try:
-                    fut = _submit_node(client, graph, i, results)
+                    task = _task_for_node(client, graph, i, results)
                 except SerializationError as exc:
                     state[i] = _FAILED
                     errors[i] = exc
                     finished += 1 + fail_below(i, exc)
                     continue
-                in_flight[i] = fut
-                fut.add_done_callback(functools.partial(_settled, done_q, i))
+                in_flight[i] = task.future
+                task.future.add_done_callback(functools.partial(_settled, done_q, i))
+                to_send.append(task)
+            if to_send:
+                client._send(to_send, now=True)  # the ready nodes in one go, many to a slot
             if finished >= n:
                 break
             left = None if deadline is None else deadline - time.monotonic()
@@ -392,9 +396,10 @@ def _settled(
     done_q.put((i, fut))  # a done-callback: the run's thread does the rest
 
 
-def _submit_node(
-    client: Client, graph: Graph, i: int, results: list[object]
-) -> concurrent.futures.Future[object]:
+def _task_for_node(client: Client, graph: Graph, i: int, results: list[object]) -> _Task:
+    """Node ``i`` as a task of ``client``, its inputs replaced by their results; not sent."""
+    from ._client import DEFAULT_RETRIES  # a cycle at import time: _client imports us
+
     fn, args, kwargs, priority, retries, task_timeout = graph._specs[i]
 
     def resolve(node: object) -> object:
@@ -403,10 +408,14 @@ def _submit_node(
 
     call_args = tuple(_deps.substitute(a, Node, resolve) for a in args)  # type: ignore[attr-defined]
     call_kwargs = {k: _deps.substitute(v, Node, resolve) for k, v in kwargs.items()}  # type: ignore[attr-defined]
-    opts: dict[str, object] = {"priority": priority, "timeout": task_timeout}
-    if retries is not None:
-        opts["retries"] = retries
-    return client.submit(fn, *call_args, **opts, **call_kwargs)  # type: ignore[arg-type]
+    return client._new_task(
+        fn,  # type: ignore[arg-type]
+        call_args,
+        call_kwargs,
+        DEFAULT_RETRIES if retries is None else retries,  # type: ignore[arg-type]
+        task_timeout,  # type: ignore[arg-type]
+        priority,  # type: ignore[arg-type]
+    )
 
 
 def save_graph(graph: Graph) -> bytes:

@@ -112,6 +112,10 @@ class Agents:
         self._ids = itertools.count(1)
         self._last_msg_id = 0
         self._rr = 0
+        # name -> (worker, that worker's generation), as last seen in the registry: a hint,
+        # dropped when the worker was replaced since. A worker that no longer hosts the agent
+        # forwards the message to the one the registry names (kernel/agentd.py).
+        self._where: dict[str, tuple[int, int]] = {}
 
     @property
     def registry(self) -> Registry:
@@ -230,6 +234,16 @@ class Agents:
             raise AgentNotFoundError(f"no agent named {name!r}")
         return AgentRef(self, name)
 
+    def _locate(self, name: str) -> int:
+        control = self._client._control
+        hint = self._where.get(name)
+        if hint is not None and control.worker_generation(hint[0]) == hint[1]:
+            return hint[0]
+        worker = self.registry.lookup(name)
+        if worker >= 0:
+            self._where[name] = (worker, control.worker_generation(worker))
+        return worker
+
     def call(
         self,
         name: str,
@@ -240,7 +254,7 @@ class Agents:
         ask: bool,
         timeout: float | None,
     ) -> Future[object]:
-        worker = self.registry.lookup(name)
+        worker = self._locate(name)
         if worker < 0:
             exc = AgentNotFoundError(f"no agent named {name!r}")
             if not ask:
@@ -311,6 +325,7 @@ class Agents:
             self._send(worker, frame)
 
     def stop(self, name: str, *, kill: bool, timeout: float | None) -> None:
+        self._where.pop(name, None)
         worker = self.registry.lookup(name)
         if worker < 0:
             raise AgentNotFoundError(f"no agent named {name!r}")
@@ -358,6 +373,8 @@ class Agents:
         future.set_exception(_translate(msg))
 
     def on_worker_lost(self, index: int) -> None:
+        for name in [n for n, (w, _) in self._where.items() if w == index]:
+            self._where.pop(name, None)
         with self._lock:
             lost = [cid for cid, (_, w) in self._calls.items() if w == index]
             futures = [self._calls.pop(cid)[0] for cid in lost]

@@ -83,6 +83,10 @@ _Frame = SpawnAgent | AgentCall | AgentReply | StopAgent | ListAgents
 
 #: How long a tell waits for room in a full mailbox before it is dropped (and logged).
 TELL_WAIT_S: Final = float(os.getenv("ASTRA_TELL_WAIT_S", "5.0"))
+#: A message for an agent registered here but not started yet (being restarted) is tried
+#: again this often, this many times, before ``AgentNotFoundError``.
+RESTART_WAIT_S: Final = 0.01
+RESTART_WAIT_TRIES: Final = 200
 #: How long an ask with no timeout waits for room in a full mailbox.
 ASK_WAIT_S: Final = float(os.getenv("ASTRA_ASK_WAIT_S", "30.0"))
 
@@ -223,14 +227,28 @@ class AgentService:
         if msg.call_id:
             self._send_to(msg.reply_to, pack_reply(msg.call_id, True, msg.name))
 
-    def _call(self, msg: AgentCall) -> None:
+    def _call(self, msg: AgentCall, attempt: int = 0) -> None:
         host = self.host
         if msg.topic:
             host.publish(msg.topic, shipping.loads(msg.args), sender=msg.sender)
             return
         agent_id = host.lookup(msg.target)
         if agent_id is None:
-            self._refuse(msg, AgentNotFoundError(f"no agent {msg.target!r} on w{self.index:02d}"))
+            # The sender's idea of where the agent lives is stale (it restarted elsewhere):
+            # pass the message on to the worker the registry names.
+            worker = self.registry.lookup(msg.target)
+            if (
+                worker >= 0
+                and worker != self.index
+                and self._worker.send_to_worker(worker, encode(msg))
+            ):
+                return
+            if worker == self.index and attempt < RESTART_WAIT_TRIES:
+                # Registered here, not started yet: the supervisor's SpawnAgent restarting it
+                # (after its worker died) is on its way, on another lane of our ring.
+                self._loop.call_later(RESTART_WAIT_S, self._call, msg, attempt + 1)
+                return
+            self._refuse(msg, AgentNotFoundError(f"no agent named {msg.target!r}"))
             return
         try:
             loaded = (

@@ -59,8 +59,8 @@ could not be atomic across processes; its reads are one key per transaction and 
 unchanged ones. And LMDB refuses a second handle on the same files in one process. So this
 module drives ``lmdb`` directly and follows the journal's protocols (growth, fork, modes).
 
-The module is over the 600-line guide because the three kinds of memory share one
-transaction runner, one codec and one name scheme; split, each would re-export them.
+Size: past the 800-line mark, because the issue asked for one module. The seams for a
+split are the banners: store and transactions, key/value, logs, vectors and their cache.
 
 Open questions:
 
@@ -69,6 +69,7 @@ Open questions:
 - XX: each process caches its own copy of an index's matrix. A single-value matrix read in
   place from the map would be shared, at the price of rewriting it on every ``add``.
 - XX: logs grow forever; a ``trim(log, before)`` needs a stored next-sequence counter.
+- XX: split into ``kernel/memory/`` (store, codec, logs, vectors) once the service lands.
 """
 
 from __future__ import annotations
@@ -458,7 +459,7 @@ class MemoryStore:
             txn = self._begin_read()
             try:
                 return body(txn)
-            except lmdb.Error as exc:
+            except (lmdb.Error, msgspec.MsgspecError) as exc:
                 raise MemoryStoreError(f"memory store {self._path}: {exc}") from exc
             finally:
                 txn.abort()
@@ -478,8 +479,8 @@ class MemoryStore:
                 except lmdb.MapFullError:
                     self._grow(env)  # aborted; replay it on a bigger map
                 except lmdb.MapResizedError:
-                    env.set_mapsize(0)
-                except lmdb.Error as exc:
+                    env.set_mapsize(0)  # another process grew the map: adopt, replay
+                except (lmdb.Error, msgspec.MsgspecError) as exc:
                     raise MemoryStoreError(f"memory store {self._path}: {exc}") from exc
 
     def _grow(self, env: lmdb.Environment) -> None:
@@ -550,6 +551,8 @@ class Namespace:
             try:
                 raw = txn.get(raw_key, db=store._kv)
                 return default if raw is None else _decode(raw)
+            except lmdb.Error as exc:
+                raise MemoryStoreError(f"memory store {store._path}: {exc}") from exc
             finally:
                 txn.abort()
 
@@ -724,7 +727,7 @@ class Namespace:
             header = _read_header(txn, self._store._vec, prefix)
             if header is None:
                 header = _IndexHeader.new(rows.shape[1], chunk_bytes)
-            if len(rows) and rows.shape[1] != header.dim:
+            if rows.shape[1] != header.dim:
                 raise DimensionMismatchError(
                     f"index {index!r} holds vectors of dimension {header.dim}, not {rows.shape[1]}"
                 )
@@ -781,14 +784,8 @@ class Namespace:
         query = _unit_rows([vector])[0]
         store, prefix = self._store, self._index_prefix(index)
         cache = store._cache(prefix)
-        with cache.lock:
-            with store._lock:
-                txn = store._begin_read()
-                try:
-                    exists = cache.refresh(txn, store._vec, prefix, store)
-                finally:
-                    txn.abort()
-            if not exists:
+        with cache.lock:  # held while ranking, too: the next refresh writes in place
+            if not store._read(lambda txn: cache.refresh(txn, store._vec, prefix, store)):
                 return []
             if query.shape[0] != cache.dim:
                 raise DimensionMismatchError(
@@ -1046,7 +1043,7 @@ class _Chunks:
         if old is not None:
             self._set(int.from_bytes(old, "little"), id_, row, meta)
             return
-        slot, self._count = self._count, self._count + 1
+        slot, self._count = self._count, self._count + 1  # slots stay dense: 0..count-1
         self._set(slot, id_, row, meta)
         self._txn.put(id_key, slot.to_bytes(8, "little"), db=self._db)
 
@@ -1065,10 +1062,10 @@ class _Chunks:
         del rows[i * self._row_bytes :]
         self._count = last
         self._txn.delete(id_key, db=self._db)
-        if slot != last:
+        if slot != last:  # the last row fills the hole; its id key must follow it
             self._set(slot, moved_id, moved_row, moved_meta)
             moved_key = self._prefix + b"I" + moved_id.encode()
-            pass
+            self._txn.put(moved_key, slot.to_bytes(8, "little"), db=self._db)
         return True
 
     def commit(self) -> None:
@@ -1076,7 +1073,7 @@ class _Chunks:
         version = self._header.version + 1
         for chunk, rows in self._rows.items():
             key, entries = _chunk_key(self._prefix, chunk), self._entries[chunk]
-            if not entries:
+            if not entries:  # the last row of the last chunk was removed
                 self._txn.delete(key, db=self._db)
                 continue
             head = _CHUNK_HEAD.pack(version, len(entries))
@@ -1117,6 +1114,8 @@ class _IndexCache:
         if header.incarnation != self.incarnation:  # new (or re-created) index: start over
             self._reset(header)
         self._reserve(header.count)
+        # ids and metas get exactly one entry per slot; every slot past the old count lies
+        # in a chunk whose stamp changed, so the walk below fills it.
         self.ids[header.count :], self.metas[header.count :] = [], []
         self.ids += [""] * (header.count - len(self.ids))
         self.metas += [None] * (header.count - len(self.metas))
@@ -1133,7 +1132,7 @@ class _IndexCache:
                     self.stamps[chunk] = stamp
                     loaded += 1
                 ok = cursor.next()
-        for chunk in [c for c in self.stamps if c >= chunks]:
+        for chunk in [c for c in self.stamps if c >= chunks]:  # emptied by removes
             del self.stamps[chunk]
         self.count, self.version = header.count, header.version
         self.columns.clear()
@@ -1148,6 +1147,7 @@ class _IndexCache:
 
     def _reserve(self, rows: int) -> None:
         if rows > self.matrix.shape[0] or self.matrix.shape[1] != self.dim:
+            # Doubling: a stream of adds reallocates O(log n) times, not once per add.
             capacity = max(rows, 2 * self.matrix.shape[0], 64)
             grown = np.zeros((capacity, self.dim), np.float32)
             if self.matrix.shape[1] == self.dim:
@@ -1159,26 +1159,25 @@ class _IndexCache:
         rows = np.frombuffer(value, np.float32, size, _CHUNK_HEAD.size)
         self.matrix[base : base + n] = rows.reshape(n, self.dim)  # the copy out of the map
         entries = _ENTRIES_DECODER.decode(value[_CHUNK_HEAD.size + 4 * size :])
-        for i, (id_, meta) in enumerate(entries):
-            self.ids[base + i], self.metas[base + i] = id_, meta
+        assert len(entries) == n, f"chunk at slot {base}: {n} rows, {len(entries)} entries"
+        self.ids[base : base + n] = [id_ for id_, _ in entries]
+        self.metas[base : base + n] = [meta for _, meta in entries]
 
     # -- ranking --
 
     def top_k(
         self, query: _Vector, k: int, where: Mapping[str, object] | None
     ) -> list[tuple[str, float, object]]:
-        matrix = self.matrix[: self.count]
-        if where:
-            slots: npt.NDArray[np.intp] | None = self._select(where)
-            assert slots is not None
-            if slots.size == 0:
-                return []
-            # Few matches: score only those rows; many: one product, then pick.
-            scores = (
-                matrix[slots] @ query if 4 * slots.size < self.count else (matrix @ query)[slots]
-            )
-        else:
-            slots, scores = None, matrix @ query
+        matrix = self.matrix[: self.count]  # a view: unit rows, so a product is the cosine
+        slots = self._select(where) if where else None
+        if slots is None:
+            scores = matrix @ query
+        elif slots.size == 0:
+            return []
+        elif 4 * slots.size < self.count:  # few matches: gathering their rows is cheaper
+            scores = matrix[slots] @ query
+        else:  # many: one product over the contiguous matrix, then pick
+            scores = (matrix @ query)[slots]
         k = min(k, scores.size)
         top = np.argpartition(-scores, k - 1)[:k] if k < scores.size else np.arange(scores.size)
         top = top[np.lexsort((top, -scores[top]))]  # best first; ties: lower position first

@@ -64,7 +64,8 @@ class WarmPool:
     """Pre-forked sandboxed children, already locked down, each serving exactly one call
     and then exiting; a call pays neither for the fork nor for the lockdown.
 
-    Each call takes the oldest ready child and forks its replacement while the call runs.
+    Each call takes the oldest ready child; a refill thread forks its replacement while the
+    call runs, so the caller pays for no fork.
     Close the pool (``close()`` or ``with``) to kill and reap the idle children and remove
     their workdirs. Thread-safe.
 
@@ -86,9 +87,15 @@ class WarmPool:
         self._exiting: list[Child] = []  # guarded by _lock
         self._calls = 0
         self._spawned = 0
+        self._forking = 0  # replacements the refill thread is forking; guarded by _lock
         self._closed = False
+        self._want = threading.Condition(self._lock)  # a child was taken: fork another
         for _ in range(size):
             self._add_child()
+        self._refiller = threading.Thread(
+            target=self._refill_loop, name="astra-pool-refill", daemon=True
+        )
+        self._refiller.start()
 
     # -- calls --
 
@@ -111,7 +118,8 @@ class WarmPool:
         payload = cloudpickle.dumps(call)  # before taking a child: a pickling error wastes none
         frame = FRAME.pack(len(payload)) + payload
         child, started = self._hand_over(frame)
-        self._refill()  # both while the child runs the call
+        with self._lock:
+            self._want.notify()  # the refill thread forks the replacement meanwhile
         self._reap_exited(block=False)
         deadline = started + self.policy.wall_s
         return finish(child, deadline, started, call, self.policy, defer_reap=self._exited)
@@ -151,13 +159,34 @@ class WarmPool:
                 self._discard(child)  # died idle (killed from outside): use another
         return self._spawn()  # none ready: this call pays for a fork, as a cold one would
 
-    def _refill(self) -> None:
-        # Fork outside the lock: a fork takes ~0.5 ms, and other callers may take children.
+    def _refill_loop(self) -> None:
+        """The refill thread: fork a replacement whenever fewer than ``size`` children are
+        ready or being forked, so that a call never waits for a fork (~0.5-1 ms) it does
+        not need: its caller only hands the call over and collects the result."""
         while True:
             with self._lock:
-                if self._closed or len(self._idle) >= self._size:
+                while not self._closed and len(self._idle) + self._forking >= self._size:
+                    self._want.wait()
+                if self._closed:
                     return
-            self._add_child()
+                self._forking += 1
+            try:
+                child = self._spawn()
+            except Exception:  # out of pids or fds: try again a little later
+                with self._lock:
+                    self._forking -= 1
+                    self._want.wait(0.1)
+                continue
+            with self._lock:
+                self._forking -= 1
+                closed = self._is_closed()  # close() may have run while we forked
+                if not closed:
+                    self._idle.append(child)
+            if closed:
+                self._discard(child)
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _add_child(self) -> None:
         child = self._spawn()
@@ -229,6 +258,10 @@ class WarmPool:
         progress finish normally."""
         with self._lock:
             self._closed = True
+            self._want.notify_all()
+        if self._refiller is not threading.current_thread():
+            self._refiller.join()  # it finishes a fork in progress and discards that child
+        with self._lock:
             idle, self._idle = list(self._idle), collections.deque()
         for child in idle:
             self._discard(child)

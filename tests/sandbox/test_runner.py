@@ -305,8 +305,10 @@ def test_pool_serves_one_call_per_child(pool):
     pool.wait_ready()
     pids = {pool.call(pid_of_child).value for _ in range(4)}
     assert len(pids) == 4
+    # The refill thread forks the replacements: 2 at the start, one per call.
+    wait_until(lambda: pool.statistics().idle == 2, timeout_s=10)
     stats = pool.statistics()
-    assert (stats.size, stats.calls, stats.spawned) == (2, 4, 6)
+    assert (stats.size, stats.calls, stats.spawned, stats.idle) == (2, 4, 6, 2)
 
 
 def test_pool_ships_closures_with_cloudpickle(pool):

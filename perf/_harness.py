@@ -20,7 +20,8 @@ and reports its own exception through the pipe, where the parent re-raises it as
 every child, and terminates then kills any that do not exit in time, also on error.
 
 Units decide the direction of goodness: time units (``ns``, ``us``, ``ms``, ``s``) are lower
-is better, everything else (``msgs/s``, ``MB/s``, ``tasks/s``) higher is better.
+is better, and of memory (``bytes``, ``MiB``); everything else (``msgs/s``, ``MB/s``,
+``tasks/s``) higher is better.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ __all__ = [
     "Report",
     "Target",
     "format_targets",
+    "interrupt_on_sigterm",
     "lower_is_better",
     "median",
+    "parse_options",
     "percentile",
     "pinned",
     "two_cpus",
 ]
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -57,8 +61,9 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.process import BaseProcess
 
-#: Units whose smaller values are better.
+#: Units whose smaller values are better: times, and memory (a cost, like time).
 TIME_UNITS: Final = frozenset({"ns", "us", "ms", "s"})
+COST_UNITS: Final = TIME_UNITS | {"bytes", "KiB", "MiB"}
 #: Prefix of the system names that are Astra (the left side of every ratio).
 ASTRA_PREFIX: Final = "astra"
 #: How long a child gets to exit by itself before it is terminated, then killed.
@@ -90,8 +95,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def lower_is_better(unit: str) -> bool:
-    """Whether smaller figures in ``unit`` are better (time units)."""
-    return unit in TIME_UNITS
+    """Whether smaller figures in ``unit`` are better (time and memory units)."""
+    return unit in COST_UNITS
 
 
 # ---- Figures and the report ----
@@ -399,6 +404,46 @@ class Target(NamedTuple):
     astra: tuple[str, str]  # (workload, system)
     peer: tuple[str, str] | None
     bound: float
+
+
+# ---- The command line every benchmark shares ----
+
+
+def parse_options(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str | None,
+    choices: Sequence[str],
+    dest: str = "systems",
+    quick_help: str = "fewer rounds",
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """``--quick``, ``--json-only`` and ``--only a,b`` (checked against ``choices``, kept
+    as a tuple in ``dest``), plus whatever ``extra`` adds."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json-only", action="store_true", help="print only the JSON lines")
+    parser.add_argument("--only", default=",".join(choices), help=f"comma-separated of {choices}")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    chosen = tuple(c for c in args.only.split(",") if c)
+    if unknown := set(chosen) - set(choices):
+        parser.error(f"unknown {dest} {sorted(unknown)}; choose from {tuple(choices)}")
+    setattr(args, dest, chosen)
+    return args
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C (``KeyboardInterrupt``), so every ``finally`` runs:
+    children reaped, pools and clusters shut down, shared memory removed. A forked peer
+    worker must put back SIG_DFL (its pool's ``terminate()`` relies on it)."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def format_targets(report: Report, targets: Sequence[Target]) -> str:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 __all__ = ["FULL", "QUICK", "Echo", "Idle", "Plan", "main", "run"]
 
-import argparse
 import contextlib
 import dataclasses
 import importlib
@@ -64,9 +63,19 @@ import psutil  # type: ignore[import-untyped]
 
 import astra
 
-from ._harness import Children, Report, Target, format_targets, median, percentile
+from ._harness import (
+    Children,
+    Report,
+    Target,
+    format_targets,
+    interrupt_on_sigterm,
+    median,
+    parse_options,
+    percentile,
+)
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable
     from multiprocessing.connection import Connection
 
@@ -449,32 +458,8 @@ _TARGETS: Final = (
     Target("10,000 agents spawned in < 1 s (k.spawn loop)", ("spawn_10k_s", "astra"), None, 1.0),
     Target("10,000 agents spawned in < 1 s (k.spawn_many)", ("spawn_10k_s", "astra_many"),
            None, 1.0),
+    Target("memory per agent < 5 KiB", ("memory_per_agent", "astra"), None, 5 * 1024.0),
 )  # fmt: skip
-#: Bounds on figures whose unit the harness reads as higher-is-better but which are costs:
-#: (text, (workload, system), most allowed).
-_CEILINGS: Final = (("memory per agent < 5 KiB", ("memory_per_agent", "astra"), 5 * 1024.0),)
-
-
-def _format_targets(report: Report) -> str:
-    lines = [format_targets(report, _TARGETS).rstrip("\n")]
-    for text, key, most in _CEILINGS:
-        fig = report.find(*key)
-        if fig is None or fig.value is None:
-            lines.append(f"  n/a      {text}")
-            continue
-        met = fig.value < most
-        lines.append(f"  {'met    ' if met else 'NOT met'}  {text}: {fig.value:,.0f} {fig.unit}")
-    return "\n".join(lines) + "\n"
-
-
-class _Report(Report):
-    """A report whose byte figures are costs: their tables say lower is better (the harness
-    takes every unit but time as higher-is-better)."""
-
-    def format_tables(self) -> str:
-        return (
-            super().format_tables().replace("(bytes, higher is better)", "(bytes, lower is better)")
-        )
 
 
 # ---- Entry point ----
@@ -482,7 +467,7 @@ class _Report(Report):
 
 def run(plan: Plan, systems: tuple[str, ...] = SYSTEMS, *, progress: bool = True) -> Report:
     """Run the chosen systems and return the report (nothing printed but progress)."""
-    report = _Report("agents", progress=sys.stderr if progress else None)
+    report = Report("agents", progress=sys.stderr if progress else None)
     report.section("ask and wait for the answer, p50", "ask_p50")
     report.section("ask and wait for the answer, p99", "ask_p99")
     report.section("asks issued without waiting, then all awaited", "ask_async_20k")
@@ -500,25 +485,16 @@ def run(plan: Plan, systems: tuple[str, ...] = SYSTEMS, *, progress: bool = True
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m perf.bench_agents", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, Ray calls, actors")
-    parser.add_argument("--json-only", action="store_true", help="print only the JSON lines")
-    parser.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated of {SYSTEMS}")
-    args = parser.parse_args(argv)
-    args.systems = tuple(s for s in args.only.split(",") if s)
-    if unknown := set(args.systems) - set(SYSTEMS):
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
-    return args
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return parse_options(
+        argv, prog="python -m perf.bench_agents", description=__doc__, choices=SYSTEMS,
+        dest="systems", quick_help="fewer rounds, Ray calls, actors",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: run, then print the tables, the targets and the JSON lines."""
     args = _parse(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # unwind like Ctrl-C: every finally runs
+    interrupt_on_sigterm()
     started = time.perf_counter()
     try:
         report = run(QUICK if args.quick else FULL, args.systems, progress=not args.json_only)
@@ -531,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Astra agent benchmark ({mode}): {os.cpu_count()} CPUs, {WORKERS} workers, "
             f"Python {platform.python_version()}, {time.perf_counter() - started:.1f} s\n"
         )
-    report.emit(json_only=args.json_only, footer=_format_targets(report))
+    report.emit(json_only=args.json_only, footer=format_targets(report, _TARGETS))
     return 0
 
 

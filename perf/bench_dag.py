@@ -54,7 +54,6 @@ from __future__ import annotations
 
 __all__ = ["FULL", "QUICK", "Plan", "main", "run"]
 
-import argparse
 import contextlib
 import dataclasses
 import importlib.util
@@ -71,9 +70,10 @@ import psutil  # type: ignore[import-untyped]
 
 import astra
 
-from ._harness import Report, Target, format_targets, median
+from ._harness import Report, Target, format_targets, interrupt_on_sigterm, median, parse_options
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable, Iterator
     from types import TracebackType
 
@@ -465,16 +465,9 @@ def _notes() -> str:
 # ---- Entry point ----
 
 
-class _DagReport(Report):
-    """The harness takes every unit but time for higher-is-better; a peak RSS is not."""
-
-    def format_tables(self) -> str:
-        return super().format_tables().replace("(MiB, higher is better)", "(MiB, lower is better)")
-
-
 def run(plan: Plan, systems: tuple[str, ...] = SYSTEMS, *, progress: bool = True) -> Report:
     """Run the chosen systems and return the report (nothing printed but progress)."""
-    report = _DagReport("dag", progress=sys.stderr if progress else None)
+    report = Report("dag", progress=sys.stderr if progress else None)
     report.section(f"binary-tree reduction, {TREE_NODES:,} nodes, per node", "tree_8191")
     report.section(f"64 sleeps (8 x 200 ms, 56 x 10 ms) queued on one worker, makespan; "
                    f"ideal {IDEAL_MS:,.0f} ms", "imbalanced")  # fmt: skip
@@ -495,25 +488,16 @@ def run(plan: Plan, systems: tuple[str, ...] = SYSTEMS, *, progress: bool = True
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m perf.bench_dag", description=_SUMMARY)
-    parser.add_argument("--quick", action="store_true", help="fewer runs and nodes")
-    parser.add_argument("--json-only", action="store_true", help="print only the JSON lines")
-    parser.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated of {SYSTEMS}")
-    args = parser.parse_args(argv)
-    args.systems = tuple(s for s in args.only.split(",") if s)
-    if unknown := set(args.systems) - set(SYSTEMS):
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
-    return args
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return parse_options(
+        argv, prog="python -m perf.bench_dag", description=_SUMMARY, choices=SYSTEMS,
+        dest="systems", quick_help="fewer runs and nodes",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: run, then print the tables, the targets and the JSON lines."""
     args = _parse(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # unwind like Ctrl-C: every finally runs
+    interrupt_on_sigterm()
     started = time.perf_counter()
     try:
         report = run(QUICK if args.quick else FULL, args.systems, progress=not args.json_only)

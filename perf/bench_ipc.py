@@ -52,7 +52,6 @@ from __future__ import annotations
 
 __all__ = ["FULL", "QUICK", "Plan", "main", "run"]
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -61,7 +60,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import signal
 import sys
 import time
 from typing import TYPE_CHECKING, Final, NamedTuple
@@ -79,13 +77,16 @@ from ._harness import (
     Report,
     Target,
     format_targets,
+    interrupt_on_sigterm,
     median,
+    parse_options,
     percentile,
     pinned,
     two_cpus,
 )
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable, Iterator
     from multiprocessing.connection import Connection
 
@@ -743,27 +744,19 @@ def run(plan: Plan, groups: tuple[str, ...] = GROUPS, *, progress: bool = True) 
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m perf.bench_ipc", description=_SUMMARY)
-    parser.add_argument("--quick", action="store_true", help="fewer messages: under ~20 s")
-    parser.add_argument("--json-only", action="store_true", help="print only the JSON lines")
-    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated of {GROUPS}")
-    parser.add_argument("--no-pin", action="store_true", help="ping-pong without CPU pinning")
-    args = parser.parse_args(argv)
-    args.groups = tuple(g for g in args.only.split(",") if g)
-    if unknown := set(args.groups) - set(GROUPS):
-        parser.error(f"unknown groups {sorted(unknown)}; choose from {GROUPS}")
-    return args
+    def no_pin(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--no-pin", action="store_true", help="ping-pong without pinning")
 
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return parse_options(
+        argv, prog="python -m perf.bench_ipc", description=_SUMMARY, choices=GROUPS,
+        dest="groups", quick_help="fewer messages: under ~20 s", extra=no_pin,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: run, then print the tables, the targets and the JSON lines."""
     args = _parse(argv)
-    # SIGTERM unwinds like Ctrl-C, so every finally runs: children reaped, /dev/shm emptied.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     plan = dataclasses.replace(QUICK if args.quick else FULL, pin_rtt=not args.no_pin)
     started = time.perf_counter()
     try:

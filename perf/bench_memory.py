@@ -45,7 +45,6 @@ from __future__ import annotations
 
 __all__ = ["FULL", "QUICK", "Plan", "main", "run"]
 
-import argparse
 import contextlib
 import dataclasses
 import importlib
@@ -53,7 +52,6 @@ import importlib.util
 import os
 import platform
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -68,9 +66,18 @@ import numpy as np
 
 from kernel.memory import MemoryStore
 
-from ._harness import Report, Target, format_targets, median, percentile
+from ._harness import (
+    Report,
+    Target,
+    format_targets,
+    interrupt_on_sigterm,
+    median,
+    parse_options,
+    percentile,
+)
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable, Iterator
 
     import numpy.typing as npt
@@ -446,25 +453,16 @@ def _fs_type(path: str) -> str:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m perf.bench_memory", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds: about 5 s")
-    parser.add_argument("--json-only", action="store_true", help="print only the JSON lines")
-    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated of {GROUPS}")
-    args = parser.parse_args(argv)
-    args.groups = tuple(g for g in args.only.split(",") if g)
-    if unknown := set(args.groups) - set(GROUPS):
-        parser.error(f"unknown groups {sorted(unknown)}; choose from {GROUPS}")
-    return args
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return parse_options(
+        argv, prog="python -m perf.bench_memory", description=__doc__, choices=GROUPS,
+        dest="groups", quick_help="fewer rounds: about 5 s",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: run, then print the tables, the targets and the JSON lines."""
     args = _parse(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # unwind like Ctrl-C: temp dir removed
+    interrupt_on_sigterm()
     started = time.perf_counter()
     try:
         report = run(QUICK if args.quick else FULL, args.groups, progress=not args.json_only)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 __all__ = ["FULL", "QUICK", "Plan", "main", "run"]
 
-import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -44,9 +43,18 @@ from typing import TYPE_CHECKING, Any, Final
 
 import astra
 
-from ._harness import Report, Target, format_targets, median, percentile
+from ._harness import (
+    Report,
+    Target,
+    format_targets,
+    interrupt_on_sigterm,
+    median,
+    parse_options,
+    percentile,
+)
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable
 
 #: Worker processes of every system.
@@ -278,23 +286,14 @@ def run(plan: Plan, systems: tuple[str, ...] = SYSTEMS, *, progress: bool = True
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m perf.bench_tasks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and peer tasks")
-    parser.add_argument("--json-only", action="store_true", help="print only the JSON lines")
-    parser.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated of {SYSTEMS}")
-    args = parser.parse_args(argv)
-    args.systems = tuple(s for s in args.only.split(",") if s)
-    if unknown := set(args.systems) - set(SYSTEMS):
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
-    return args
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return parse_options(
+        argv, prog="python -m perf.bench_tasks", description=__doc__, choices=SYSTEMS,
+        dest="systems", quick_help="fewer rounds and peer tasks",
+    )  # fmt: skip
 
 
 def _peer_signals() -> None:
-    """In a forked peer worker: SIGTERM kills, as the peer expects. Our ``_interrupt``,
+    """In a forked peer worker: SIGTERM kills, as the peer expects. Our SIGTERM handler
     inherited through fork, made ``Pool.terminate()`` raise in a worker holding the task
     queue's lock, and the pool's join then hung on the worker stuck behind it."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -303,7 +302,7 @@ def _peer_signals() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: run, then print the tables, the targets and the JSON lines."""
     args = _parse(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # unwind like Ctrl-C: every finally runs
+    interrupt_on_sigterm()
     started = time.perf_counter()
     try:
         report = run(QUICK if args.quick else FULL, args.systems, progress=not args.json_only)

@@ -16,9 +16,10 @@ checkpoint format with ``JournalCheckpointer`` are self-contained and could move
     Outbox.reply / deliver / publish <-- replies, sends <-- handler <---'
     Checkpointer.checkpoint          <-- state + seen ids (persist=True)
 
-Single writer: every method of ``AgentHost``, ``Mailbox`` and the ``Agent`` hooks runs on the
-host's event loop thread; the worker hops onto it with ``loop.call_soon_threadsafe``. Outbox
-and Checkpointer methods are called on that thread too.
+Single writer: every method of ``AgentHost``, ``Mailbox`` and the ``Agent`` hooks runs with the
+host's event loop held: on its thread, or on the worker's main thread borrowing the idle loop
+(``kernel/sharedloop.py``); other threads hop on with ``loop.call_soon_threadsafe``. Outbox
+and Checkpointer methods are called the same way.
 
 Protocols:
 

@@ -1,11 +1,14 @@
 """Agents in a worker: the glue between the rings and ``kernel.actors.AgentHost``.
 
-Each worker runs one ``AgentHost`` on its asyncio loop thread (the one ``async def`` tasks
-use). The worker's main thread reads ``SpawnAgent``, ``AgentCall``, ``AgentReply`` and
-``StopAgent`` frames from its inbox and hands each to the loop thread in arrival order
-(``call_soon_threadsafe``), so the messages of one sender reach an agent's mailbox in the
-order sent. Everything below runs on the loop thread; ``AgentService`` is the host's
-``Outbox`` and ``Checkpointer``.
+Each worker runs one ``AgentHost`` on its asyncio loop (the one ``async def`` tasks use),
+a ``kernel.sharedloop.SharedLoop``. The worker's main thread reads ``SpawnAgent``,
+``AgentCall``, ``AgentReply`` and ``StopAgent`` frames from its inbox, a batch at a time, in
+arrival order, so the messages of one sender reach an agent's mailbox in the order sent.
+When the loop is idle the main thread borrows it and runs the batch and the handlers it
+makes ready itself, holding the replies to each client for one ring write at the end (an
+ask then costs no thread wake-up); when the loop is busy it hands the batch over
+(``call_soon_threadsafe``). Either way everything below runs with the loop held, one
+callback at a time; ``AgentService`` is the host's ``Outbox`` and ``Checkpointer``.
 
 Addresses. An agent's name is its id, unique per kernel instance through the shared
 registry (kernel/registry.py): a client or an agent claims the name before the spawn, the
@@ -76,10 +79,11 @@ if TYPE_CHECKING:
     from ipc import Arena, ArrayRef
 
     from .actors import Agent
+    from .sharedloop import SharedLoop
     from .worker import Worker
 
 _Args = tuple[tuple[object, ...], dict[str, object]]
-_Frame = SpawnAgent | AgentCall | AgentReply | StopAgent | ListAgents
+AgentFrame = SpawnAgent | AgentCall | AgentReply | StopAgent | ListAgents
 
 #: How long a tell waits for room in a full mailbox before it is dropped (and logged).
 TELL_WAIT_S: Final = float(os.getenv("ASTRA_TELL_WAIT_S", "5.0"))
@@ -149,9 +153,13 @@ def pack_reply(call_id: int, ok: bool, value: object) -> bytes:
 class AgentService:
     """One worker's agents (see the module docstring). Built by the worker on first use."""
 
-    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, worker: Worker, shared: SharedLoop) -> None:
         self._worker = worker
-        self._loop = loop
+        self._shared = shared
+        self._loop = shared.loop
+        # Replies to clients held back while the main thread runs a batch on the borrowed
+        # loop, to go one ring write per client: (slot, generation) -> frames.
+        self._held: dict[tuple[int, int], list[bytes]] | None = None
         self.index = worker.index
         self._registry: Registry | None = None
         self._journals: dict[str, Journal] = {}
@@ -162,8 +170,30 @@ class AgentService:
 
     # ---- From the worker's main thread ----
 
-    def on_frame(self, msg: _Frame) -> None:
-        self._loop.call_soon_threadsafe(self._dispatch, msg)
+    def on_frames(self, msgs: list[AgentFrame], *, here: bool) -> None:
+        """Handle frames read from the ring. ``here`` (the worker's main thread): run them on
+        this thread when the loop is idle, saving the hop to the loop thread (a thread
+        wake-up, most of an ask's latency); else, or if the loop is busy, hand them over."""
+        if here:
+            with self._shared.borrow() as held:
+                if held:
+                    self._held = {}
+                    try:
+                        self._dispatch_all(msgs)
+                        self._shared.run_ready()  # the handlers of the messages just posted
+                    finally:
+                        self._release_held()
+                    return
+        self._loop.call_soon_threadsafe(self._dispatch_all, msgs)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        for (slot, generation), frames in (held or {}).items():
+            self._worker.send_to_client(slot, generation, frames)
+
+    def _dispatch_all(self, msgs: list[AgentFrame]) -> None:
+        for msg in msgs:
+            self._dispatch(msg)
 
     def close(self) -> None:
         """Main thread, after the loop stopped: close journals and the registry."""
@@ -186,7 +216,7 @@ class AgentService:
             self._registry = Registry.open(self._worker.instance)
         return self._registry
 
-    def _dispatch(self, msg: _Frame) -> None:
+    def _dispatch(self, msg: AgentFrame) -> None:
         try:
             if isinstance(msg, AgentCall):
                 self._call(msg)
@@ -329,7 +359,11 @@ class AgentService:
     def _send_to(self, origin: int, frame: bytes) -> None:
         worker, slot, generation = decode_origin(origin)
         if worker < 0:
-            self._worker.send_to_client(slot, generation, [frame])
+            held = self._held
+            if held is not None:
+                held.setdefault((slot, generation), []).append(frame)
+            else:
+                self._worker.send_to_client(slot, generation, [frame])
             return
         if not self._worker.send_to_worker(worker, frame):
             _log.warning("[PID %d] w%02d is gone: a reply to it is lost", os.getpid(), worker)
@@ -413,6 +447,10 @@ class AgentService:
     # ---- Checkpointer (kernel/actors.py) ----
 
     def checkpoint(self, agent_id: str, data: bytes) -> None:
+        if self._held:  # the Outbox contract: replies handed over before go out first
+            held, self._held = self._held, {}
+            for (slot, generation), frames in held.items():
+                self._worker.send_to_client(slot, generation, frames)
         journal = self._journal_of[agent_id]
         journal.table("agents").put(agent_id.encode(), data)
 

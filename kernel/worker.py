@@ -5,7 +5,9 @@ Data flow (each arrow a shared-memory ring; the worker reads one, writes one per
     client c0 --lane--.                                 .--> to_c0 (client c0's inbox)
     client c1 --lane---+--> to_wNN.<gen> --> worker ----+--> to_c1
     supervisor -lane--'      (inbox)          |  heap   '
-                                              '--> asyncio loop thread (async def tasks)
+                                              '--> asyncio loop thread (async def tasks,
+                                                   agents; borrowed by the main thread
+                                                   when idle: kernel/sharedloop.py)
 
 Protocol:
 
@@ -60,7 +62,7 @@ from ipc import (
     SegmentError,
 )
 
-from .agentd import AgentService
+from .agentd import AgentFrame, AgentService
 from .errors import TaskTimeout
 from .messages import (
     AgentCall,
@@ -88,6 +90,7 @@ from .scheduler import (
     steal_bell,
     worker_ring,
 )
+from .sharedloop import SharedLoop
 from .shipping import (
     ShippingError,
     TaskFunction,
@@ -189,7 +192,8 @@ class Worker:
         self._stop_now = False
         self._timing = False  # a sync task with a timeout is running
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
+        self._shared: SharedLoop | None = None
+        self._main_ident = threading.get_ident()  # run() sets it again, in the thread it runs
         self._async: dict[_Key, concurrent.futures.Future[None]] = {}
         self._count_lock = threading.Lock()
         # Work stealing (kernel/scheduler.py). The heap and its sets are shared with the
@@ -215,6 +219,7 @@ class Worker:
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
         signal.signal(signal.SIGALRM, self._on_alarm)
+        self._main_ident = threading.get_ident()
         self._start_responder()
         try:
             while not self._stop_now:
@@ -283,6 +288,7 @@ class Worker:
 
     def _handle(self, frames: list[bytes]) -> None:
         """Handle inbox frames (main thread, or the responder draining before it gives)."""
+        agent_msgs: list[AgentFrame] = []
         with self._heap_lock:
             for msg in decode_frames(frames):
                 if isinstance(msg, RunTask):
@@ -301,7 +307,7 @@ class Worker:
                 elif isinstance(msg, Wake):
                     self._hinted = True
                 elif isinstance(msg, (AgentCall, AgentReply, SpawnAgent, StopAgent, ListAgents)):
-                    self._agents().on_frame(msg)
+                    agent_msgs.append(msg)
                 elif isinstance(msg, StopWorker):
                     self._draining = True
                     self._stop_now |= not msg.drain
@@ -311,6 +317,8 @@ class Worker:
                     self._log.error("[PID %d] unexpected message %r", os.getpid(), msg)
             depth = len(self._heap)
             self._control.set_queued(self.index, depth)
+        if agent_msgs:
+            self._agents().on_frames(agent_msgs, here=threading.get_ident() == self._main_ident)
         if depth >= 2:
             self._hint_idle()
 
@@ -600,7 +608,7 @@ class Worker:
 
     def _agents(self) -> AgentService:
         if self._agent_service is None:
-            self._agent_service = AgentService(self, self._ensure_loop())
+            self._agent_service = AgentService(self, self._ensure_shared())
         return self._agent_service
 
     @property
@@ -639,13 +647,14 @@ class Worker:
     # ---- Async tasks: an asyncio loop on a second thread ----
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._loop_thread = threading.Thread(
-                target=self._loop.run_forever, name="astra-loop", daemon=True
-            )
-            self._loop_thread.start()
-        return self._loop
+        return self._ensure_shared().loop
+
+    def _ensure_shared(self) -> SharedLoop:
+        """The loop thread, which the main thread may borrow (``kernel/sharedloop.py``)."""
+        if self._shared is None:
+            self._shared = SharedLoop()
+            self._loop = self._shared.loop
+        return self._shared
 
     def _start_async(
         self,
@@ -787,9 +796,8 @@ class Worker:
         if self._loop is not None:
             for cfut in list(self._async.values()):
                 cfut.cancel()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if self._loop_thread is not None:
-                self._loop_thread.join(timeout=1.0)
+            if self._shared is not None:
+                self._shared.stop()
         if self._agent_service is not None:
             with contextlib.suppress(Exception):
                 self._agent_service.close()

@@ -55,7 +55,7 @@ from .errors import (
     WouldBlock,
 )
 from .messages import ArrayRef
-from .ring import RingReader, RingStatistics, RingWriter, open_ring, unlink_ring
+from .ring import RingReader, RingStatistics, RingWriter, open_ring, ring_depth, unlink_ring
 from .shm import (
     Instance,
     OFDLock,
@@ -96,5 +96,6 @@ __all__ = [
     "is_alive",
     "open_ring",
     "process_start_time",
+    "ring_depth",
     "unlink_ring",
 ]

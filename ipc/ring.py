@@ -95,6 +95,7 @@ __all__ = [
     "RingStatistics",
     "RingWriter",
     "open_ring",
+    "ring_depth",
     "unlink_ring",
 ]
 
@@ -1153,6 +1154,17 @@ def open_ring(
     )
     reader_map = _RingMap.open(instance, name)
     return RingWriter(ring, spin_us), RingReader(reader_map, spin_us)
+
+
+def ring_depth(instance: Instance, name: str) -> int:
+    """Slots written to ring ``name`` and not yet read, over every lane, read from outside
+    (a monitor): maps the ring without taking a role, reads one semaphore value per lane,
+    unmaps. A hint, like ``RingReader.depth``. Raises ``SegmentError`` if there is no ring."""
+    ring = _RingMap.open(instance, name)
+    try:
+        return ring.depth()
+    finally:
+        ring.close()
 
 
 def unlink_ring(instance: Instance, name: str) -> list[str]:

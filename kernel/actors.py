@@ -862,6 +862,9 @@ class AgentHost:
         self._within_s = within_s
         self._clock = clock
         self._agents: dict[str, _Agent] = {}
+        # Since this host started, over every agent (metrics): messages handled, restarts.
+        self.handled_total = 0
+        self.restarts_total = 0
         self._names: dict[str, str] = {}  # name -> agent id (an agent's id is its default name)
         self._topics: TopicTable[str] = TopicTable()
         self._pending: dict[int, asyncio.Future[object]] = {}  # call id -> the asker's future
@@ -1311,6 +1314,7 @@ class AgentHost:
         if not isinstance(item, Message):
             return  # on_start
         rec.handled += 1
+        self.handled_total += 1
         p = rec.persist
         if p is None:
             if item.reply_to is not None:
@@ -1476,6 +1480,7 @@ class AgentHost:
                 self._remove(rec, ExitReason.RESTART_LIMIT, error)
                 return
             rec.restarts += 1
+            self.restarts_total += 1
             try:
                 rec.instance = self._build(rec, p.snapshot if p is not None else None)
             except Exception as exc:  # __init__ or the restore failed: that counts too

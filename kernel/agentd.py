@@ -70,6 +70,7 @@ from .actors import (
     SpawnSpec,
 )
 from .journal import Journal, Table
+from .kmetrics import AGENT_SAMPLE_S, AGENT_STATES
 from .logs import log_event
 from .messages import AgentCall, AgentReply, ListAgents, SpawnAgent, StopAgent, encode
 from .registry import Registry
@@ -160,6 +161,8 @@ class AgentService:
         # Replies to clients held back while the main thread runs a batch on the borrowed
         # loop, to go one ring write per client: (slot, generation) -> frames.
         self._held: dict[tuple[int, int], list[bytes]] | None = None
+        self._counted = (0, 0)  # (handled_total, restarts_total) already in the metrics row
+        self._loop.call_soon_threadsafe(self._sample)
         self.index = worker.index
         self._registry: Registry | None = None
         self._journals: dict[str, Journal] = {}
@@ -203,6 +206,32 @@ class AgentService:
             self._registry.close()
 
     # ---- On the loop thread ----
+
+    def _sample(self) -> None:
+        """Agents by state, mailbox depth, messages and restarts into this worker's metrics
+        row (kernel/kmetrics.py); again every ``AGENT_SAMPLE_S``."""
+        row = self._worker.metrics
+        if row is None or self._loop.is_closed():
+            return
+        try:
+            counts = dict.fromkeys(AGENT_STATES, 0)
+            mailbox = 0
+            host = self._host
+            stats = host.stats() if host is not None else []
+            for st in stats:
+                counts[st.state.value] += 1
+                mailbox += st.mailbox
+            handled = host.handled_total if host is not None else 0
+            restarts = host.restarts_total if host is not None else 0
+            with self._worker.metrics_lock:
+                for state, n in counts.items():
+                    row.set(f"agents_{state}", n)
+                row.set("agent_mailbox", mailbox)
+                row.inc("agent_messages", handled - self._counted[0])
+                row.inc("agent_restarts", restarts - self._counted[1])
+            self._counted = (handled, restarts)
+        finally:
+            self._loop.call_later(AGENT_SAMPLE_S, self._sample)
 
     @property
     def host(self) -> AgentHost:

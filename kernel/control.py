@@ -40,6 +40,7 @@ from __future__ import annotations
 
 __all__ = ["ClientRow", "ControlBlock", "KernelState", "WorkerRow"]
 
+import contextlib
 import dataclasses
 import time
 from enum import IntEnum
@@ -48,6 +49,8 @@ from typing import TYPE_CHECKING, Final
 from ipc import OFDLock, SegmentError, is_alive, process_start_time
 
 from .errors import RegistrationError
+from .kmetrics import HOT_METRICS, METRICS_SEGMENT, metrics_rows
+from .metrics import MetricsTable
 
 if TYPE_CHECKING:
     from ipc import Instance, Segment
@@ -112,8 +115,10 @@ class ClientRow:
 class ControlBlock:
     """One process's mapping of an instance's control segment."""
 
-    def __init__(self, segment: Segment) -> None:
+    def __init__(self, segment: Segment, instance: Instance | None = None) -> None:
         self._segment = segment
+        self._instance = instance
+        self._metrics: MetricsTable | None = None
         self._words = segment.buf.cast("Q")
         w = self._words
         if w[_H_MAGIC] != _MAGIC or w[_H_VERSION] != _VERSION:
@@ -137,12 +142,37 @@ class ControlBlock:
         w[_H_VERSION] = _VERSION
         w[_H_MAGIC] = _MAGIC  # last: an opener never sees a half-made header
         w.release()
-        return cls(segment)
+        block = cls(segment, instance)
+        # The hot-path metrics beside it: one row per worker, the supervisor, each client slot.
+        block._metrics = MetricsTable.create(
+            instance, HOT_METRICS, metrics_rows(workers, max_clients), name=METRICS_SEGMENT
+        )
+        return block
 
     @classmethod
     def open(cls, instance: Instance) -> ControlBlock:
         """Map the control segment of an existing instance. Raises ``SegmentError``."""
-        return cls(instance.open_segment(SEGMENT))
+        return cls(instance.open_segment(SEGMENT), instance)
+
+    @property
+    def instance(self) -> Instance | None:
+        """The instance this block was created or opened in."""
+        return self._instance
+
+    @property
+    def metrics(self) -> MetricsTable | None:
+        """The instance's hot-path metrics table (``kernel/kmetrics.py``: ``worker_row``,
+        ``client_row``), mapped on first use; None if this block was opened without its
+        instance or the table is gone."""
+        if self._metrics is None and self._instance is not None:
+            with contextlib.suppress(SegmentError, ValueError):
+                self._metrics = MetricsTable.attach(
+                    self._instance,
+                    HOT_METRICS,
+                    metrics_rows(self.workers, self.max_clients),
+                    name=METRICS_SEGMENT,
+                )
+        return self._metrics
 
     # ---- Header ----
 
@@ -372,7 +402,10 @@ class ControlBlock:
         return [row for slot in range(self.max_clients) if (row := self.client(slot))]
 
     def close(self) -> None:
-        """Unmap (the instance's owner removes the segment)."""
+        """Unmap (the instance's owner removes the segments)."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         self._lock.close()
         self._words.release()
         self._segment.close()

@@ -109,6 +109,7 @@ if TYPE_CHECKING:
     from ipc import Arena, ArrayRef, RingReader
 
     from .control import ControlBlock
+    from .metrics import MetricsRow
 
 
 #: Results at least this large (numpy arrays) travel through the arena, not the ring.
@@ -213,6 +214,11 @@ class Worker:
         self._bell: posix_ipc.Semaphore | None = None
         self._responder_stop = False
         self._agent_service: AgentService | None = None
+        # Hot-path metrics (kernel/kmetrics.py): this worker's row, written by the main
+        # thread and the loop thread (async tasks, agents) under _metrics_lock.
+        table = control.metrics
+        self.metrics: MetricsRow | None = table.row(index) if table is not None else None
+        self.metrics_lock = threading.Lock()
 
     # ---- Main loop (protocol steps 1 and 4) ----
 
@@ -499,6 +505,7 @@ class Worker:
                 return
         if not self._control.slot_current(msg.client, msg.client_gen):
             return  # the client left or died: nobody wants the result
+        self._metric("tasks_started")
         prepared = self._prepare(msg)
         if isinstance(prepared, TaskError):
             self._queue_reply(msg, prepared)
@@ -540,6 +547,7 @@ class Worker:
         global _current
         _current = (self._control, msg.client, self.index, msg.task_id)
         self._control.set_running(self.index, msg.client, msg.task_id)
+        t0 = time.perf_counter()
         try:
             if msg.timeout_s > 0:
                 self._timing = True
@@ -557,7 +565,18 @@ class Worker:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             self._control.set_running(self.index, -1, 0)
             _current = None
+            self._observe(time.perf_counter() - t0)
         return self._done(msg, result)
+
+    def _metric(self, name: str, amount: float = 1.0) -> None:
+        if self.metrics is not None:
+            with self.metrics_lock:
+                self.metrics.inc(name, amount)
+
+    def _observe(self, seconds: float) -> None:
+        if self.metrics is not None:
+            with self.metrics_lock:
+                self.metrics.observe("task_seconds", seconds)
 
     def _on_alarm(self, signum: int, frame: object) -> None:
         if self._timing:
@@ -678,6 +697,7 @@ class Worker:
         key = (msg.client, msg.task_id)
         reply: TaskDone | TaskError | None = None
         scope: asyncio.Timeout | None = None
+        t0 = time.perf_counter()
         try:
             coro: Coroutine[object, object, object] = fn(*args, **kwargs)  # type: ignore[assignment]
             async with asyncio.timeout(msg.timeout_s or None) as scope:
@@ -693,7 +713,10 @@ class Worker:
             reply = self._error(msg, ErrorKind.RAISED, exc)
         finally:
             self._async.pop(key, None)
+            self._observe(time.perf_counter() - t0)
         if reply is not None:
+            if isinstance(reply, TaskError):
+                self._metric("tasks_failed")
             self._send(msg.client, msg.client_gen, [encode(reply)])
             self._count(1)
 
@@ -707,6 +730,8 @@ class Worker:
     # ---- Replies (protocol step 3) ----
 
     def _queue_reply(self, msg: RunTask, reply: TaskDone | TaskError) -> None:
+        if isinstance(reply, TaskError):
+            self._metric("tasks_failed")
         slot = (msg.client, msg.client_gen)  # a re-claimed slot is another client
         out = self._out.get(slot)
         if out is None:

@@ -36,14 +36,19 @@ __all__ = [
 ]
 
 import bisect
+import contextlib
 import dataclasses
 import http.server
 import math
+import os
+import signal
 import socket
-import threading
+import time
 from typing import TYPE_CHECKING, Final, Literal
 
 import numpy as np
+
+from .proc import after_fork_in_child
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -276,9 +281,17 @@ class _V6Server(http.server.ThreadingHTTPServer):
 
 
 class MetricsServer:
-    """Serves ``GET /metrics`` (the text of ``render()``) from a daemon thread of the
-    supervisor. Scrapes are rare (seconds apart) and cheap, so one thread per request
-    (``ThreadingHTTPServer``) is plenty.
+    """Serves ``GET /metrics`` (the text of ``render()``) from a forked exporter process,
+    ``astra-metrics``.
+
+    Why a process: the supervisor forks replacement workers for as long as it runs, and a
+    thread of its own serving HTTP could hold a lock (logging's, the allocator's, one of
+    ``http.server``'s) at the moment of a fork, leaving the child with it held for ever. The
+    exporter is forked once, serves from its own threads and never forks; ``render`` reads
+    shared memory and ``/proc`` (nothing the supervisor must answer), so it works the same
+    in the exporter. The socket is bound here first, so a bad or busy address raises in the
+    caller. The exporter dies with the thread that made it (``PR_SET_PDEATHSIG``);
+    ``close()`` stops and reaps it.
 
     Raises:
         OSError: the address cannot be bound (in use, not local).
@@ -307,17 +320,39 @@ class MetricsServer:
                 pass  # one line per scrape would drown the event log
 
         server_cls = _V6Server if ":" in host else http.server.ThreadingHTTPServer
-        self._server = server_cls((host, port), Handler)
-        self._server.daemon_threads = True
+        server = server_cls((host, port), Handler)
+        server.daemon_threads = True
         #: The bound (host, port): port 0 in the address picks a free one.
-        self.address = self._server.server_address[:2]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="astra-metrics", daemon=True
-        )
-        self._thread.start()
+        self.address = server.server_address[:2]
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the exporter
+            code = 0
+            try:
+                after_fork_in_child("astra-metrics", parent_pid=parent, death_signal=signal.SIGTERM)
+                server.serve_forever()
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        server.server_close()  # ours is a copy: the exporter serves
+        self.pid = pid
 
-    def close(self) -> None:
-        """Stop serving and close the socket."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop the exporter and reap it (SIGTERM, then SIGKILL after ``timeout_s``)."""
+        if self.pid <= 0:
+            return
+        pid, self.pid = self.pid, 0
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.005)

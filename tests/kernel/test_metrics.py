@@ -3,6 +3,8 @@ that Prometheus's own parser reads."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -145,3 +147,21 @@ def test_bad_metrics_addresses_are_refused(addr):
 
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_addr(addr)
+
+
+def test_the_exporter_is_its_own_process_and_is_reaped_at_close(table):
+    """Not a thread of the (forking) supervisor: a child named astra-metrics, gone after close."""
+    import psutil
+
+    from kernel.metrics import MetricsServer
+
+    server = MetricsServer("127.0.0.1:0", lambda: render_prometheus(SPECS, table.collect()))
+    pid = server.pid
+    try:
+        assert pid != os.getpid()
+        assert psutil.Process(pid).name() == "astra-metrics"
+        assert psutil.Process(pid).ppid() == os.getpid()
+    finally:
+        server.close()
+    assert not psutil.pid_exists(pid)  # reaped, not a zombie
+    server.close()  # twice is harmless

@@ -7,20 +7,25 @@ shows, and tests can check it without a terminal. The live view uses curses from
 standard library: ``q`` quits, any other key refreshes at once.
 
 Agents come from the workers through a client of the daemon (``Client.agents()``, once per
-refresh); without a free client slot the frame says so. Tool calls join when the sandbox's
-tool registry lands.
+refresh); without a free client slot the frame says so. Task failures and tool calls by
+outcome come from the hot-path metrics table (``kernel/kmetrics.py``, ``metrics_snapshot``),
+read like the control block: shared memory, no message.
 """
 
 from __future__ import annotations
 
-__all__ = ["render_frame", "run_top"]
+__all__ = ["metrics_snapshot", "render_frame", "run_top"]
 
 import curses
 import time
 from typing import TYPE_CHECKING, Any
 
+from kernel.kmetrics import TOOL_OUTCOMES
+
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from kernel.control import ControlBlock
 
 Snapshot = dict[str, Any]
 
@@ -56,9 +61,42 @@ def render_frame(snap: Snapshot, prev: Snapshot | None, dt_s: float) -> list[str
         "",
         *_agent_lines(snap.get("agents"), (prev or {}).get("agents"), dt_s),
         "",
-        "tools: none called",
+        *_metric_lines(snap.get("metrics"), (prev or {}).get("metrics"), dt_s),
     ]
     return lines
+
+
+def metrics_snapshot(control: ControlBlock) -> dict[str, float] | None:
+    """Totals of the hot-path table for a frame: tasks started and failed, tool calls by
+    outcome (``tool_<outcome>``); None without the table (an older astrad)."""
+    table = control.metrics
+    if table is None:
+        return None
+    totals = table.collect()
+    names = ("tasks_submitted", "tasks_started", "tasks_failed",
+             *(f"tool_{o}" for o in TOOL_OUTCOMES))  # fmt: skip
+    return {name: float(totals[name]) for name in names}  # type: ignore[arg-type]
+
+
+def _metric_lines(
+    now: dict[str, float] | None, then: dict[str, float] | None, dt_s: float
+) -> list[str]:
+    if now is None:
+        return ["tasks and tools: no metrics table"]
+
+    def rate(key: str) -> float:
+        return _rate(now, then, key, dt_s)
+
+    tools = sum(now[f"tool_{o}"] for o in TOOL_OUTCOMES)
+    failed_tools = tools - now["tool_ok"]
+    tool_rate = sum(rate(f"tool_{o}") for o in TOOL_OUTCOMES)
+    outcomes = ", ".join(f"{o} {now[f'tool_{o}']:.0f}" for o in TOOL_OUTCOMES if now[f"tool_{o}"])
+    return [
+        f"tasks: {now['tasks_started']:.0f} started, {rate('tasks_started'):.0f}/s; "
+        f"{now['tasks_failed']:.0f} failed, {rate('tasks_failed'):.0f}/s",
+        f"tools: {tools:.0f} calls, {tool_rate:.1f}/s; {failed_tools:.0f} not ok"
+        + (f" ({outcomes})" if outcomes else ""),
+    ]
 
 
 def _rate(now: dict[str, Any], then: dict[str, Any] | None, key: str, dt_s: float) -> float:

@@ -13,6 +13,7 @@ import pytest
 
 from astra._cli import EXIT_OK, main
 from astra._top import render_frame
+from kernel.kmetrics import TOOL_OUTCOMES
 from tests.astra.agents import Counter
 from tests.astra.conftest import Astrad
 from tests.astra.tasks import square
@@ -51,6 +52,18 @@ def test_frame_shows_agents_busiest_first():
     start = lines.index("agents: 2")
     assert lines[start + 2].split() == ["busy", "w01", "7", "running", "45", "2"]
     assert lines[start + 3].split() == ["idle", "w00", "0", "idle", "0", "0"]
+
+
+def test_frame_shows_task_failures_and_tool_calls_by_outcome():
+    zero = {"tasks_submitted": 0.0, "tasks_started": 0.0, "tasks_failed": 0.0,
+            **{f"tool_{o}": 0.0 for o in TOOL_OUTCOMES}}  # fmt: skip
+    now = {**zero, "tasks_started": 30.0, "tasks_failed": 4.0, "tool_ok": 6.0,
+           "tool_timeout": 1.0, "tool_refused": 1.0}  # fmt: skip
+    then = {**zero, "tasks_started": 10.0, "tool_ok": 2.0}
+    lines = render_frame({**SNAP, "metrics": now}, {**SNAP, "metrics": then}, 2.0)
+    assert "tasks: 30 started, 10/s; 4 failed, 2/s" in lines
+    assert "tools: 8 calls, 3.0/s; 2 not ok (ok 6, refused 1, timeout 1)" in lines
+    assert "tasks and tools: no metrics table" in render_frame(SNAP, None, 1.0)
 
 
 def _read_until(fd: int, pattern: bytes, timeout_s: float = 20.0) -> bytes:

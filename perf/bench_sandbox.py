@@ -9,10 +9,11 @@ Workloads (each system runs "nothing" in Python, so the figure is the sandbox's 
 - ``call_p50``, ``call_p99`` (ms): one call at a time, from the caller's request to its
   result in hand.
 
-  - ``astra_warm``: ``WarmPool.call(noop)`` on a pool of 2 whose children are ready
+  - ``astra_warm``: ``WarmPool.call(noop)`` on a pool of 2 that has settled
     (``wait_ready()`` between calls, not timed): a call pays for handing over the call,
-    the child's run and reply, and the fork of its replacement, which happens while the
-    child runs.
+    the child's run and its reply, up to the value in the caller's hand. The pool forks
+    the replacement and reaps the finished child after the call returns, before the next
+    timed one: that cost shows in ``calls_per_s``, where the next call starts at once.
   - ``astra_cold``: ``Runner.call(noop)``: fork, the whole lockdown (namespaces, rlimits,
     Landlock, loading the precompiled seccomp filter), run, reap.
   - ``subprocess``: ``subprocess.run([sys.executable, "-c", "pass"])``: no sandbox at all,

@@ -123,12 +123,17 @@ class Call:
 
 # ---- The child side ----
 
+#: The call a warm child rehearses (see _rehearse): nothing, by reference.
+_REHEARSAL: Final = Call("call", int)
+
 
 def child_main(plan: Plan, call: Call | None, fds: tuple[int, int, int, int, int]) -> NoReturn:
     """Lock down, run one call, reply, exit. Never returns (runs right after fork)."""
     code = EXIT_NO_REPLY
     try:
         layers = lock_down(plan, fds)
+        if call is None:
+            _rehearse(plan)  # before Locked: a pool's wait_ready() counts it as lockdown
         _send_frame(_encoder.encode(Locked(layers)))
         if call is None:  # a warm child: wait for the call
             call = _read_call()
@@ -149,6 +154,21 @@ def child_main(plan: Plan, call: Call | None, fds: tuple[int, int, int, int, int
             with contextlib.suppress(BaseException):
                 stream.flush()
         os._exit(code)
+
+
+def _rehearse(plan: Plan) -> None:
+    """Take a warm child through the path of a call once, with a call that does nothing
+    and a reply that is thrown away, before the real call arrives.
+
+    Fork left this child's memory shared copy-on-write with the parent: the first write to
+    each page copies it, at a page fault of a few microseconds. Serving a call writes to
+    many pages (reference counts of the unpickler's, the call's and the encoder's objects),
+    which the rehearsal copies now, off the call's path. It also spares the parent (which
+    takes ~160 such faults per call): a page this child has copied is the parent's alone
+    again, so the parent's next write to it (pickling the call, say) copies nothing. In a
+    scratch timing here a warm call took about 0.7 ms without it, 0.5 ms with it.
+    """
+    _run_and_encode(cloudpickle.loads(cloudpickle.dumps(_REHEARSAL)), plan)
 
 
 def _close_output() -> None:

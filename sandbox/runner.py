@@ -35,22 +35,25 @@ Protocol, and what makes each step correct:
    CPU time and peak RSS): until then its pid, which is also the group id, cannot be
    reused, so ``killpg`` never hits a stranger. A warm ``python``-profile child (which
    cannot have started processes) is done once its reply is in and its pipes are closed:
-   the pool returns then and reaps it on a later call, so a call does not wait for the
+   the pool returns then and its keeper thread reaps it, so a call does not wait for the
    child's memory and namespaces to be torn down.
 5. *Classify.* A reply wins; otherwise the wait status decides: SIGXCPU (or SIGKILL past
    the CPU limit) is a CPU timeout, SIGSYS a violation from a foreign ABI, any other
    signal a crash; a shell's exit code is its value.
 
-A warm child counts its wall time from the call's dispatch, and a pool forks the
-replacement right after dispatching, so the fork overlaps the call.
+A warm child counts its wall time from the call's dispatch. It rehearses a call before it
+reports Locked (``child._rehearse``), so the call takes few copy-on-write faults; a pool
+forks its replacement once the call is over (``pool.py``), so the fork does not compete
+with the call.
 
 If the parent process dies, the kernel kills every sandbox it started (the lifeline,
 ``lockdown.py`` step 1), whichever thread forked them. Children inherit the parent's
 memory: make pools (and cold calls) before loading secrets you would not hand to the
 sandboxed code (environment variables are scrubbed; other memory is not).
-XX: a zygote process forked at startup would lift that caveat and take the fork off the
-parent's path (its page-table copy is most of a warm call's cost), at the price of an
-fd-passing hop per spawn.
+XX: a zygote process forked at startup would lift that caveat and take the forks off the
+parent: their page-table copies (which hold the GIL) and the copy-on-write faults each
+leaves the parent (~160 per warm call here, ~0.2 ms), at the price of an fd-passing hop
+per spawn, and of children that no longer see what the parent imported after startup.
 """
 
 from __future__ import annotations

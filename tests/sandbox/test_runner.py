@@ -25,6 +25,7 @@ from sandbox import (
     SandboxWarning,
     WarmPool,
     landlock,
+    pool as pool_module,
     runner as runner_module,
 )
 from tests.helpers import reap, wait_until
@@ -305,10 +306,35 @@ def test_pool_serves_one_call_per_child(pool):
     pool.wait_ready()
     pids = {pool.call(pid_of_child).value for _ in range(4)}
     assert len(pids) == 4
-    # The refill thread forks the replacements: 2 at the start, one per call.
-    wait_until(lambda: pool.statistics().idle == 2, timeout_s=10)
+    # The keeper forks the replacements (2 at the start, one per call) and reaps the
+    # finished children; wait_ready() waits for both.
+    pool.wait_ready()
     stats = pool.statistics()
     assert (stats.size, stats.calls, stats.spawned, stats.idle) == (2, 4, 6, 2)
+    assert not pool._exiting
+
+
+def test_pool_defers_a_replacement_while_another_child_is_ready(pool):
+    pool.wait_ready()
+    first, first_deferred = pool._take()  # one child left ready: fork after this call
+    second, second_deferred = pool._take()  # none left: fork now
+    assert (first_deferred, second_deferred) == (True, False)
+    wait_until(lambda: pool.statistics().idle == 1, timeout_s=10)
+    assert pool.statistics().spawned == 3  # only the replacement of the second
+    pool._give_up(first, first_deferred)  # the first "call" is over: now its replacement
+    pool._give_up(second, second_deferred)
+    pool.wait_ready()
+    assert (pool.statistics().idle, pool.statistics().spawned) == (2, 4)
+
+
+def test_pool_retries_a_call_whose_child_died_after_it_was_taken(pool, monkeypatch):
+    pool.wait_ready()
+    victim = pool._idle[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    wait_until(lambda: select.select([victim.pidfd], [], [], 0)[0])
+    # As if it died between _take's check and the write: the write breaks the pipe.
+    monkeypatch.setattr(pool_module, "_has_exited", lambda child: False)
+    assert pool.call(pid_of_child).value != victim.pid
 
 
 def test_pool_ships_closures_with_cloudpickle(pool):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from kernel.actors import Agent as Agent
 
-from . import errors as errors
+from . import errors as errors, memory as memory, plugin as plugin
 from ._agents import AgentRef as AgentRef
 from ._client import Client as Client, cancelled as cancelled
 from ._errors import (
@@ -28,6 +28,7 @@ from ._graph import Graph as Graph, Node as Node
 from ._kernel import Kernel as Kernel, connect as connect
 from ._tools import tool as tool
 from ._version import __version__ as __version__
+from .memory import Memory as Memory
 
 __all__ = [
     "Agent",
@@ -41,6 +42,7 @@ __all__ = [
     "Graph",
     "Kernel",
     "KernelNotRunningError",
+    "Memory",
     "Node",
     "RemoteError",
     "SerializationError",
@@ -52,6 +54,8 @@ __all__ = [
     "cancelled",
     "connect",
     "errors",
+    "memory",
+    "plugin",
     "tool",
 ]
 

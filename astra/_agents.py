@@ -42,10 +42,9 @@ from ._errors import (
     UnknownMethodError,
 )
 from ._future import Future
-from ._tools import resolve as resolve_tool
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
     from ipc import ArrayRef
 
@@ -159,10 +158,12 @@ class Agents:
         worker: int | None,
         mailbox: int,
         tools: Iterable[str] = (),
+        grants: Mapping[str, Iterable[str]] | None = None,
     ) -> list[AgentRef]:
         """Start ``len(argses)`` agents of ``cls``: every name claimed and every
         ``SpawnAgent`` sent before waiting for any answer. All or nothing: if one fails,
-        the others are killed and its error is raised."""
+        the others are killed and its error is raised. ``grants``: plugin -> what each
+        agent is granted for it (kernel/plugins.py)."""
         if not (isinstance(cls, type) and issubclass(cls, actors.Agent)):
             raise TypeError(f"agents subclass astra.Agent; got {cls!r}")
         if restart not in ("permanent", "on-failure", "temporary"):
@@ -170,10 +171,11 @@ class Agents:
         workers = self._client.workers
         if worker is not None and not 0 <= worker < workers:
             raise ValueError(f"worker={worker}: this kernel has workers 0-{workers - 1}")
-        grants = {name: resolve_tool(name) for name in tools}  # CapabilityError if unknown
+        tool_specs = {name: self._client._resolve_tool(name) for name in tools}  # or raise
+        plugin_grants = {plugin: list(values) for plugin, values in (grants or {}).items()}
         try:
             _, cls_data = function_key(cls)
-            tools_data = shipping.dumps(grants) if grants else b""
+            tools_data = shipping.dumps(tool_specs) if tool_specs else b""
             datas = [shipping.dumps(a) for a in argses]
         except shipping.ShippingError as exc:
             raise SerializationError(str(exc)) from exc.__cause__
@@ -193,8 +195,9 @@ class Agents:
                 call_id, future = self._new_call(place)
                 started.append((name, place, future))
                 msg = SpawnAgent(
-                    origin, call_id, name, cls_data, data, restart, persist, mailbox, tools_data
-                )
+                    origin, call_id, name, cls_data, data, restart, persist, mailbox, tools_data,
+                    plugin_grants,
+                )  # fmt: skip
                 frames.setdefault(place, []).append(encode(msg))
             client = self._client
             client._check_usable()

@@ -58,8 +58,9 @@ from kernel import (
     worker_ring,
 )
 from kernel.daemon import default_state_dir
-from kernel.journal import Journal
-from kernel.tools import AuditEntry, read_audit, tool_task
+from kernel.journal import Journal, JournalError
+from kernel.plugins import PluginInfo, call_service, read_plugins
+from kernel.tools import AuditEntry, CapabilityError, ToolSpec, read_audit, tool_task
 from kernel.worker import ARENA_THRESHOLD_BYTES
 
 from . import _deps
@@ -78,7 +79,7 @@ from ._graph import META_KEY, load_graph, run_graph, save_graph
 from ._tools import resolve as resolve_tool
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from ipc import Arena, ArrayRef, Instance
     from kernel import ControlBlock
@@ -86,6 +87,7 @@ if TYPE_CHECKING:
     from kernel.journal import Table
 
     from ._graph import Graph, Node
+    from .memory import Memory
 
 T = TypeVar("T")
 
@@ -187,6 +189,7 @@ class Client:
         )
         self._fn_data: dict[bytes, bytes] = {}
         self._views: dict[int, ArrayRef] = {}  # id of a result array in the arena -> its ref
+        self._plugin_cache: list[PluginInfo] | None = None  # the kernel's, read once
         self._closed = False
         self._closing = False
         self._broken: BaseException | None = None
@@ -477,6 +480,8 @@ class Client:
         worker: int | None = None,
         mailbox: int = 0,
         tools: Iterable[str] = (),
+        memory: Iterable[str] = (),
+        grants: Mapping[str, Iterable[str]] | None = None,
         **kwargs: object,
     ) -> AgentRef:
         """Start ``cls(*args, **kwargs)`` as an agent on a worker (round robin, or
@@ -485,12 +490,14 @@ class Client:
         ``restart``: "permanent", "on-failure" or "temporary" (kernel/actors.py).
         ``persist``: checkpoint its state after each message; a restart resumes from it.
         ``mailbox``: capacity (default 1024 messages). ``tools``: the tools it may call
-        (``self.tool``); others raise ``CapabilityError``. Raises ``AgentError`` if the name
-        is taken, ``SerializationError`` if the class or arguments will not pickle,
-        ``CapabilityError`` for an unknown tool."""
+        (``self.tool``); others raise ``CapabilityError``. ``memory``: the shared memory
+        namespaces it may use besides its own (``self.shared_memory(name)``); ``grants``:
+        what it may use of other plugins (``{"plugin": [...]}``, kernel/plugins.py). Raises
+        ``AgentError`` if the name is taken, ``SerializationError`` if the class or arguments
+        will not pickle, ``CapabilityError`` for an unknown tool."""
         return self._agents.spawn(
             cls, [(args, kwargs)], names=[name], restart=restart, persist=persist,
-            worker=worker, mailbox=mailbox, tools=tools,
+            worker=worker, mailbox=mailbox, tools=tools, grants=_grants(memory, grants),
         )[0]  # fmt: skip
 
     def spawn_many(
@@ -504,6 +511,8 @@ class Client:
         persist: bool = False,
         worker: int | None = None,
         mailbox: int = 0,
+        memory: Iterable[str] = (),
+        grants: Mapping[str, Iterable[str]] | None = None,
     ) -> list[AgentRef]:
         """``[spawn(cls, *a, ...) for a in args]`` in one go: every spawn is sent before
         any answer is awaited (10,000 agents in a fraction of a second). All or nothing:
@@ -514,17 +523,62 @@ class Client:
             raise ValueError(f"{len(name_list)} names for {len(argses)} agents")
         return self._agents.spawn(
             cls, argses, names=name_list, restart=restart, persist=persist, worker=worker,
-            mailbox=mailbox,
+            mailbox=mailbox, grants=_grants(memory, grants),
         )  # fmt: skip
 
     def call_tool(self, name: str, /, *args: object, **kwargs: object) -> Future[object]:
-        """Run tool ``name`` (``@astra.tool``, or the built-in ``python``/``shell``) in a
-        sandboxed child on a worker; its ``Future`` fails with the sandbox's typed error
-        (``SandboxTimeout``, ``SandboxMemoryError``, ``SandboxViolation``,
-        ``SandboxCrashed``) while the worker carries on. Raises ``CapabilityError`` for an
-        unknown tool. The call is audited (``audit()``, ``astra audit``)."""
-        spec = resolve_tool(name)
+        """Run tool ``name`` (``@astra.tool``, a plugin's, or the built-in
+        ``python``/``shell``) in a sandboxed child on a worker; its ``Future`` fails with the
+        sandbox's typed error (``SandboxTimeout``, ``SandboxMemoryError``,
+        ``SandboxViolation``, ``SandboxCrashed``) while the worker carries on. Raises
+        ``CapabilityError`` for an unknown tool. The call is audited (``audit()``,
+        ``astra audit``)."""
+        spec = self._resolve_tool(name)
         return self.submit(tool_task, spec, args, kwargs, retries=0)
+
+    def _resolve_tool(self, name: str) -> ToolSpec:
+        """The spec of tool ``name``: registered in this process, built in, or offered by
+        one of the kernel's plugins (then the worker supplies the function and policy).
+        Raises ``CapabilityError``."""
+        try:
+            return resolve_tool(name)
+        except CapabilityError:
+            if any(name in row.tools for row in self._plugin_rows()):
+                return ToolSpec(name, b"", {})
+            raise
+
+    # ---- Plugins and their services (kernel/plugins.py) ----
+
+    def call_service(self, name: str, /, *args: object, **kwargs: object) -> Future[object]:
+        """Call ``name`` (``"plugin.operation"``), a service a plugin registered, with
+        ``args`` and ``kwargs``; returns its ``Future`` at once. It runs as a task on a
+        worker, never retried (a service need not be idempotent): the future fails with
+        ``ServiceNotFoundError`` if no enabled plugin there offers ``name``, with what the
+        service raised, or with ``WorkerCrashedError``."""
+        return self.submit(call_service, name, args, kwargs, retries=0)
+
+    def memory(self, namespace: str) -> Memory:
+        """The memory namespace ``namespace`` (an agent's name, or a shared one such as
+        ``"team"``): key/value pairs, logs and vectors (``astra.Memory``). A client is
+        trusted with every namespace; each call is a service call to a worker and blocks
+        for its answer. Raises nothing until used."""
+        from .memory import Memory, _RemoteNamespace
+
+        return Memory(namespace, _RemoteNamespace(self, namespace))
+
+    def plugins(self) -> list[PluginInfo]:
+        """The kernel's plugins, as its supervisor loaded them: name, state ("enabled" or
+        "disabled" with its error), source, services, tools, events listened to, and the
+        failures any of its processes reported (what ``astra plugins`` prints)."""
+        return self._plugin_rows(fresh=True)
+
+    def _plugin_rows(self, *, fresh: bool = False) -> list[PluginInfo]:
+        if fresh or self._plugin_cache is None:
+            try:
+                self._plugin_cache = read_plugins(self._data_dir())
+            except (JournalError, OSError):
+                self._plugin_cache = []
+        return self._plugin_cache
 
     def audit(self, tail: int | None = None) -> list[AuditEntry]:
         """The tool calls of this kernel, oldest first (``kernel.tools.AuditEntry``)."""
@@ -696,7 +750,7 @@ class Client:
                 fn = self._fn_data[task.fn_key]
             msg = RunTask(
                 self._slot, self._gen, task.id, task.fn_key, fn, task.args,
-                task.priority, task.timeout_s, task.refs,
+                task.priority, task.timeout_s, task.refs, once=task.retries_left <= 0,
             )  # fmt: skip
             frames.append(encode(msg))
         link.unsent = []
@@ -1180,6 +1234,18 @@ class ClientStatistics:
 
 # os.getpid() is a system call; the submit path compares against this copy instead.
 _pid = os.getpid()
+
+
+def _grants(
+    memory: Iterable[str], grants: Mapping[str, Iterable[str]] | None
+) -> dict[str, list[str]]:
+    """A spawn's plugin grants: ``grants`` with ``memory`` added under "memory"."""
+    out = {plugin: list(values) for plugin, values in (grants or {}).items()}
+    if isinstance(memory, str):
+        raise TypeError(f"memory= takes a list of namespaces, not the string {memory!r}")
+    if memory:
+        out["memory"] = out.get("memory", []) + list(memory)
+    return out
 
 
 def _refresh_pid() -> None:

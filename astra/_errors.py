@@ -16,8 +16,13 @@
         +-- AgentCrashedError   the agent or its worker died before answering
         +-- UnknownMethodError  no such handler (also an AttributeError)
 
-    CapabilityError            a tool not granted (or unknown): kernel.tools' class, re-exported
-                               (a PermissionError), so agents and clients catch the same one
+    CapabilityError            a tool not granted (or unknown), or a memory namespace not
+                               granted: kernel.tools' class, re-exported (a PermissionError), so
+                               agents and clients catch the same one
+    PluginError                misuse of the plugin API (kernel.plugins' class, re-exported)
+    +-- ServiceNotFoundError   no enabled plugin offers the service (also a LookupError)
+    MemoryStoreError           a bad key, value or vector, or a storage failure in agent memory
+    +-- DimensionMismatchError a vector's length differs from its index's (kernel.memory's)
     RemoteTraceback            not raised: the ``__cause__`` of an exception a task raised,
                                holding the worker-side traceback
 
@@ -28,6 +33,8 @@ typed outcomes, ``SandboxTimeout`` and the like, reach a tool call's future as t
 
 from __future__ import annotations
 
+import kernel.memory as _kernel_memory
+import kernel.plugins as _kernel_plugins
 import kernel.tools as _kernel_tools
 
 __all__ = [
@@ -38,11 +45,15 @@ __all__ = [
     "AstraInternalError",
     "CapabilityError",
     "CycleError",
+    "DimensionMismatchError",
     "KernelNotRunningError",
     "MailboxFullError",
+    "MemoryStoreError",
+    "PluginError",
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "ServiceNotFoundError",
     "TaskTimeoutError",
     "TooManyClientsError",
     "UnknownMethodError",
@@ -137,6 +148,12 @@ class UnknownMethodError(AgentError, AttributeError):
 # Raised by the kernel's tool runner (kernel/tools.py), so that agents, workers and
 # clients raise and catch the one class.
 CapabilityError = _kernel_tools.CapabilityError
+# Raised in workers and agents by the plugin API and the memory store, and re-raised by the
+# client as they are: one class wherever it is caught.
+PluginError = _kernel_plugins.PluginError
+ServiceNotFoundError = _kernel_plugins.ServiceNotFoundError
+MemoryStoreError = _kernel_memory.MemoryStoreError
+DimensionMismatchError = _kernel_memory.DimensionMismatchError
 
 
 class RemoteError(AstraError):

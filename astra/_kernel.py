@@ -3,7 +3,7 @@ client of a running ``astrad``)."""
 
 from __future__ import annotations
 
-__all__ = ["Kernel", "connect"]
+__all__ = ["BUILTIN_PLUGINS", "Kernel", "connect"]
 
 import contextlib
 import glob
@@ -13,7 +13,7 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import posix_ipc
 
@@ -26,15 +26,24 @@ from kernel import (
     fork_supervisor,
     read_state,
 )
+from kernel.plugins import discover
 from kernel.registry import MAX_AGENTS, Registry
 
 from ._client import Client
 from ._errors import KernelNotRunningError, TooManyClientsError
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from kernel.plugins import Plugin
+
 #: Size of an embedded kernel's payload arena (tmpfs: pages cost memory only once touched).
 DEFAULT_ARENA_BYTES: Final = int(os.getenv("ASTRA_KERNEL_ARENA_BYTES", str(256 << 20)))
 #: How long ``Kernel()`` waits for its supervisor to report ready.
 START_TIMEOUT_S: Final = 30.0
+#: The plugins every kernel loads first: Astra's own services, built on the same plugin
+#: API as a third party's (kernel/plugins.py).
+BUILTIN_PLUGINS: Final = ("astra.memory:MemoryPlugin",)
 
 
 class Kernel(Client):
@@ -58,6 +67,11 @@ class Kernel(Client):
         state_dir: where persisted agents keep their checkpoints (``<state_dir>/agents``);
             default: a directory of this kernel's own, removed when it closes.
         max_agents: agents that can run at once (the size of the name registry).
+        plugins: plugins to load beside the built-in ones (memory) and those installed
+            under the ``astra.plugins`` entry point: ``Plugin`` subclasses or
+            ``"package.module:Class"`` strings. One that fails to load is reported
+            (``plugins()``) and skipped.
+        entry_points: load the ``astra.plugins`` entry points of installed distributions.
 
     Raises:
         KernelNotRunningError: the supervisor failed to start.
@@ -74,12 +88,20 @@ class Kernel(Client):
         shutdown_timeout_s: float = 5.0,
         state_dir: str | None = None,
         max_agents: int = MAX_AGENTS,
+        plugins: Iterable[str | type[Plugin]] = (),
+        entry_points: bool = True,
     ) -> None:
         n = workers if workers is not None else os.cpu_count() or 1
         if n < 1:
             raise ValueError("a kernel needs at least one worker")
         self._policy = RestartPolicy(max_restarts, within_s, shutdown_timeout_s)
         self._sup_pid = -1
+        # Found here, in the embedding process, where the imports stay cached between
+        # kernels; loaded in the supervisor and in each worker (kernel/plugins.py).
+        candidates = discover(
+            BUILTIN_PLUGINS, [(p, "Kernel(plugins=...)") for p in plugins],
+            entry_points=entry_points,
+        )  # fmt: skip
         cleanup_stale(os.getenv("ASTRA_SHM_LABEL") or None)
         _remove_stale_data_dirs()
         inst = Instance.create()
@@ -97,8 +119,9 @@ class Kernel(Client):
             ready = inst.create_semaphore("ready", 0)
             try:
                 self._sup_pid = fork_supervisor(
-                    inst, control, arena, ready, self._policy, pin=pin, data_dir=data_dir
-                )
+                    inst, control, arena, ready, self._policy, pin=pin, data_dir=data_dir,
+                    plugin_candidates=candidates,
+                )  # fmt: skip
                 self._wait_ready(ready)
             finally:
                 ready.close()

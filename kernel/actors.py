@@ -49,7 +49,8 @@ Protocols:
    class's ``subscriptions`` and runs ``on_start``; the mailbox is kept. More than
    ``max_restarts`` restarts within ``within_s`` seconds (OTP's restart intensity) stop the
    agent for good, reported through ``Outbox.agent_exited``. ``stop()`` and ``kill()`` never
-   restart.
+   restart. Plugins (kernel/plugins.py) see ``agent_spawned``, ``agent_restarted`` and
+   ``agent_stopped`` events, each behind its flag.
 5. *Checkpoints (persist=True).* After ``checkpoint_every`` handled messages, after
    ``checkpoint_ms`` with un-checkpointed messages, whenever the mailbox empties and before
    an ``async def`` handler starts (so a long await holds no earlier replies back), the host
@@ -145,12 +146,14 @@ import msgspec
 from . import shipping
 from .errors import KernelError
 from .logs import log_event
+from .plugins import emit, events
 from .topics import TopicTable, split_pattern
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Mapping
+    from collections.abc import Callable, Coroutine, Iterable, Mapping
 
     from .journal import Journal
+    from .memory import MemoryView
 
 #: Messages an agent's mailbox holds before ``post`` returns False (per-spawn override).
 MAILBOX_CAPACITY: Final = int(os.getenv("ASTRA_MAILBOX_CAPACITY", "1024"))
@@ -280,6 +283,8 @@ class SpawnSpec:
     name: str | None = None
     restart: Restart = Restart.ON_FAILURE
     persist: bool = False
+    #: plugin name -> what the new agent is granted for it (``{"memory": ("team",)}``)
+    grants: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -336,7 +341,7 @@ def decode_checkpoint(data: bytes) -> Checkpoint:
 
 
 class Outbox(Protocol):
-    """Everything the host sends out of the process. Called on the loop thread; must not
+    """Everything the host sends out of the process. Called with the loop held; must not
     block for long (queue to a ring, wake its reader)."""
 
     def reply(self, to: ReplyTo, ok: bool, payload: object) -> None:
@@ -483,10 +488,20 @@ class Agent:
         name: str | None = None,
         restart: str = "on-failure",
         persist: bool = False,
+        memory: Iterable[str] = (),
+        grants: Mapping[str, Iterable[str]] | None = None,
         **kwargs: object,
     ) -> str:
-        """Start another agent; returns its id. Raises ``AgentError`` or ``ValueError``."""
-        spec = SpawnSpec(cls, args, kwargs, name, Restart(restart), persist)
+        """Start another agent; returns its id. ``memory`` names the shared memory
+        namespaces it may use and ``grants`` what it may use of other plugins; an agent
+        can pass on only what it holds itself (and its own namespace). Raises
+        ``AgentError``, ``ValueError``, or ``CapabilityError`` for a grant it lacks."""
+        if isinstance(memory, str):
+            raise TypeError(f"memory= takes a list of namespaces, not the string {memory!r}")
+        given = {plugin: tuple(values) for plugin, values in (grants or {}).items()}
+        if memory:
+            given["memory"] = given.get("memory", ()) + tuple(memory)
+        spec = SpawnSpec(cls, args, kwargs, name, Restart(restart), persist, given)
         return self._context().spawn(spec)
 
     def subscribe(self, pattern: str) -> bool:
@@ -514,6 +529,51 @@ class Agent:
         if tool is None:
             raise AgentError("this agent's host runs no tools")
         result: asyncio.Future[object] = tool(name, args, kwargs)
+        return result
+
+    # -- Plugins (kernel/plugins.py): memory, services, agent APIs --
+
+    @property
+    def memory(self) -> MemoryView:
+        """This agent's own memory namespace, named after it (the memory plugin,
+        astra/memory.py): reads and writes go straight to the LMDB map in this worker, no
+        message round trip; a write blocks for its commit. Raises ``ServiceNotFoundError``
+        if the kernel runs no memory plugin."""
+        return self._memory_namespace(None)
+
+    def shared_memory(self, name: str) -> MemoryView:
+        """The shared memory namespace ``name``, granted at spawn (``memory=[name]``).
+
+        Raises:
+            CapabilityError: this agent was not granted ``name``.
+        """
+        return self._memory_namespace(name)
+
+    def _memory_namespace(self, name: str | None) -> MemoryView:
+        namespace = getattr(self.plugin("memory"), "namespace", None)
+        if namespace is None:
+            raise AgentError("the memory plugin gives agents no namespaces")
+        view: MemoryView = namespace(name)
+        return view
+
+    def plugin(self, name: str) -> object:
+        """What plugin ``name`` offers agents (its ``ctx.agent_api``), made for this agent in
+        its worker, within what it was granted at spawn. Raises ``ServiceNotFoundError``
+        if no enabled plugin of that name runs here."""
+        plugin = getattr(self._context(), "plugin", None)
+        if plugin is None:
+            raise AgentError("this agent's host runs no plugins")
+        api: object = plugin(name)
+        return api
+
+    def service(self, name: str, *args: object, **kwargs: object) -> asyncio.Future[object]:
+        """Call service ``name`` (``"plugin.operation"``) in this agent's worker, on an
+        executor thread, so the agent's loop goes on; await the returned future. It fails
+        with ``ServiceNotFoundError`` or with what the service raised."""
+        service = getattr(self._context(), "service", None)
+        if service is None:
+            raise AgentError("this agent's host runs no plugins")
+        result: asyncio.Future[object] = service(name, args, kwargs)
         return result
 
     def exit(self) -> NoReturn:
@@ -753,6 +813,24 @@ class _Agent:
         result: asyncio.Future[object] = call_tool(self.id, name, args, dict(kwargs))
         return result
 
+    def plugin(self, name: str) -> object:
+        plugin_api = getattr(self.host._outbox, "plugin_api", None)
+        if plugin_api is None:
+            raise AgentError("this agent host runs no plugins")
+        api: object = plugin_api(self.id, name)
+        return api
+
+    def service(
+        self, name: str, args: tuple[object, ...], kwargs: Mapping[str, object]
+    ) -> asyncio.Future[object]:
+        call_service = getattr(self.host._outbox, "call_service", None)
+        if call_service is None:
+            future: asyncio.Future[object] = self.host._loop.create_future()
+            future.set_exception(AgentError("this agent host runs no plugins"))
+            return future
+        result: asyncio.Future[object] = call_service(self.id, name, args, dict(kwargs))
+        return result
+
 
 # ---- Helpers: copying values, agent state ----
 
@@ -827,7 +905,8 @@ class AgentHost:
     """Runs agents on one asyncio event loop (see the module doc for the protocols).
 
     Built by the worker on its loop thread, or by tests inside ``asyncio.run``. Every method
-    must be called on that loop's thread; none blocks.
+    must be called with that loop held (its thread, or a borrower: kernel/sharedloop.py);
+    none blocks.
     """
 
     def __init__(
@@ -953,6 +1032,8 @@ class AgentHost:
             self._topics.subscribe(pattern, rec.id)
         self._start(rec)
         log_event(_log, logging.DEBUG, "agent_spawned", id=rec.id, cls=cls.__qualname__)
+        if events.agent_spawned:  # kernel/plugins.py: nothing is built unless one listens
+            emit("agent_spawned", agent=rec.id, name=cls.__qualname__)
 
     def _new_record(
         self,
@@ -1494,6 +1575,9 @@ class AgentHost:
         for pattern in rec.cls.subscriptions:
             self._topics.subscribe(pattern, rec.id)
         log_event(_log, logging.INFO, "agent_restarted", id=rec.id, restarts=rec.restarts)
+        if events.agent_restarted:
+            detail = "" if error is None else type(error).__name__
+            emit("agent_restarted", agent=rec.id, name=rec.cls.__qualname__, detail=detail)
         self._start(rec)
 
     def _may_restart(self, rec: _Agent) -> bool:
@@ -1583,6 +1667,8 @@ class AgentHost:
             logging.INFO if reason in (ExitReason.STOPPED, ExitReason.CLOSED) else logging.WARNING
         )
         log_event(_log, level, "agent_exited", id=rec.id, reason=reason.value)
+        if events.agent_stopped:
+            emit("agent_stopped", agent=rec.id, name=rec.cls.__qualname__, detail=reason.value)
         try:
             self._outbox.agent_exited(rec.id, reason, error)
         except Exception:

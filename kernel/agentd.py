@@ -58,7 +58,7 @@ import msgspec
 
 from ipc import IPCError
 
-from . import shipping
+from . import plugins, shipping
 from .actors import (
     AgentError,
     AgentHost,
@@ -77,6 +77,8 @@ from .registry import Registry
 from .tools import CapabilityError, ToolSpec, refuse, run_tool
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from ipc import Arena, ArrayRef
 
     from .actors import Agent
@@ -112,6 +114,7 @@ class AgentSpec(msgspec.Struct, frozen=True, array_like=True, gc=False):
     persist: bool
     mailbox: int
     tools: bytes = b""
+    grants: dict[str, list[str]] = {}  # plugin -> what the agent was granted (SpawnAgent)
 
 
 _spec_encoder: Final = msgspec.msgpack.Encoder()
@@ -162,7 +165,6 @@ class AgentService:
         # loop, to go one ring write per client: (slot, generation) -> frames.
         self._held: dict[tuple[int, int], list[bytes]] | None = None
         self._counted = (0, 0)  # (handled_total, restarts_total) already in the metrics row
-        self._loop.call_soon_threadsafe(self._sample)
         self.index = worker.index
         self._registry: Registry | None = None
         self._journals: dict[str, Journal] = {}
@@ -170,6 +172,12 @@ class AgentService:
         self._host: AgentHost | None = None
         self._names = 0
         self._grants: dict[str, dict[str, ToolSpec]] = {}  # agent -> the tools it may call
+        # agent -> plugin -> what it was granted for that plugin (kernel/plugins.py), and the
+        # agent APIs made for it: agent -> plugin -> the plugin's object (``self.plugin``)
+        self._plugin_grants: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._plugin_apis: dict[str, dict[str, object]] = {}
+        # Last: the loop thread may run it at once, and it reads the fields above.
+        self._loop.call_soon_threadsafe(self._sample)
 
     # ---- From the worker's main thread ----
 
@@ -182,8 +190,10 @@ class AgentService:
                 if held:
                     self._held = {}
                     try:
-                        self._dispatch_all(msgs)
-                        self._shared.run_ready()  # the handlers of the messages just posted
+                        # Behind whatever is ready already (a batch the steal responder
+                        # handed over, waiters for mailbox room): per-sender order holds.
+                        self._loop.call_soon(self._dispatch_all, msgs)
+                        self._shared.run_ready()  # it, and the handlers it makes ready
                     finally:
                         self._release_held()
                     return
@@ -192,7 +202,10 @@ class AgentService:
     def _release_held(self) -> None:
         held, self._held = self._held, None
         for (slot, generation), frames in (held or {}).items():
-            self._worker.send_to_client(slot, generation, frames)
+            try:
+                self._worker.send_to_client(slot, generation, frames)
+            except Exception:  # one client's failure must not drop the others' replies
+                _log.exception("[PID %d] replies to c%d lost", os.getpid(), slot)
 
     def _dispatch_all(self, msgs: list[AgentFrame]) -> None:
         for msg in msgs:
@@ -266,6 +279,8 @@ class AgentService:
             args, kwargs = cast("_Args", shipping.loads(msg.args))
             if msg.persist:
                 self._journal_of[msg.name] = self._journal()
+            if msg.grants:  # before __init__, which may use them
+                self._plugin_grants[msg.name] = {p: tuple(v) for p, v in msg.grants.items()}
             self.host.spawn(
                 msg.name, cls, args, kwargs, restart=msg.restart, persist=msg.persist,
                 mailbox_capacity=msg.mailbox or None,
@@ -273,10 +288,13 @@ class AgentService:
             )  # fmt: skip
             if msg.tools:
                 self._grants[msg.name] = cast("dict[str, ToolSpec]", shipping.loads(msg.tools))
-            spec = AgentSpec(msg.cls, msg.args, msg.restart, msg.persist, msg.mailbox, msg.tools)
+            spec = AgentSpec(
+                msg.cls, msg.args, msg.restart, msg.persist, msg.mailbox, msg.tools, msg.grants
+            )
             self._specs().put(msg.name.encode(), encode_spec(spec))
         except Exception as exc:
             self._journal_of.pop(msg.name, None)
+            self._plugin_grants.pop(msg.name, None)
             self.registry.release(msg.name, worker=self.index)
             if msg.call_id:
                 self._send_to(msg.reply_to, pack_reply(msg.call_id, False, exc))
@@ -427,25 +445,67 @@ class AgentService:
     def spawn(self, parent: str, spec: SpawnSpec) -> str:
         self._names += 1
         name = spec.name or f"{spec.cls.__name__.lower()}-{self.index}.{os.getpid()}.{self._names}"
+        self._check_grants(parent, spec.grants)
         if not self.registry.claim(name, self.index):
             raise AgentError(f"an agent named {name!r} already runs")
         try:
             if spec.persist:
                 self._journal_of[name] = self._journal()
+            if spec.grants:
+                self._plugin_grants[name] = dict(spec.grants)
             self.host.spawn(
                 name, spec.cls, spec.args, spec.kwargs, restart=spec.restart, persist=spec.persist
             )
             record = AgentSpec(
                 shipping.function_key(spec.cls)[1],
                 shipping.dumps((spec.args, dict(spec.kwargs))),
-                str(spec.restart), spec.persist, 0,
+                str(spec.restart), spec.persist, 0, b"",
+                {plugin: list(values) for plugin, values in spec.grants.items()},
             )  # fmt: skip
             self._specs().put(name.encode(), encode_spec(record))
         except BaseException:
             self._journal_of.pop(name, None)
+            self._plugin_grants.pop(name, None)
             self.registry.release(name, worker=self.index)
             raise
         return name
+
+    def _check_grants(self, parent: str, grants: Mapping[str, tuple[str, ...]]) -> None:
+        """An agent passes on only what it holds: for each plugin, its own grants and its
+        own name (its memory namespace). Raises ``CapabilityError``."""
+        held = self._plugin_grants.get(parent, {})
+        for plugin, values in grants.items():
+            extra = set(values) - set(held.get(plugin, ())) - {parent}
+            if extra:
+                raise CapabilityError(
+                    f"agent {parent!r} cannot grant {plugin} {sorted(extra)}: it holds "
+                    f"{sorted(held.get(plugin, ()))} and its own {parent!r}"
+                )
+
+    # ---- Plugins (kernel/plugins.py): agent APIs and services ----
+
+    def plugin_api(self, agent_id: str, name: str) -> object:
+        """``self.plugin(name)`` of agent ``agent_id``: the plugin's agent API, made once per
+        agent (any thread: agents may call from executor threads). Raises
+        ``ServiceNotFoundError``."""
+        apis = self._plugin_apis.get(agent_id)
+        api = None if apis is None else apis.get(name)
+        if api is None:
+            host = plugins.current()
+            if host is None:
+                raise plugins.ServiceNotFoundError(f"no plugin {name!r}: this worker runs none")
+            grants = self._plugin_grants.get(agent_id, {}).get(name, ())
+            made = host.agent_api(name, plugins.AgentInfo(agent_id, self.index, grants))
+            api = self._plugin_apis.setdefault(agent_id, {}).setdefault(name, made)
+        return api
+
+    def call_service(
+        self, agent_id: str, name: str, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> asyncio.Future[object]:
+        """An agent's ``self.service(name, ...)``: run here on an executor thread."""
+        return self._loop.run_in_executor(
+            None, functools.partial(plugins.call_service, name, args, kwargs)
+        )
 
     def call_tool(
         self, agent_id: str, name: str, args: tuple[object, ...], kwargs: dict[str, object]
@@ -467,6 +527,8 @@ class AgentService:
 
     def agent_exited(self, agent_id: str, reason: ExitReason, error: BaseException | None) -> None:
         self._grants.pop(agent_id, None)
+        self._plugin_grants.pop(agent_id, None)
+        self._plugin_apis.pop(agent_id, None)
         self.registry.release(agent_id, worker=self.index)
         self._journal_of.pop(agent_id, None)
         self._specs().delete(agent_id.encode())

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 #: missing default file is fine (defaults apply); a missing file that was named is an error.
 DEFAULT_CONFIG_PATH: Final = "/etc/astra/astrad.toml"
 _ENV_PREFIX: Final = "ASTRA_"
+#: Keys whose command-line flag is not ``--`` + the key (``--plugin`` repeats, one each).
+_FLAGS: Final = {"plugins": "--plugin"}
 
 
 class ConfigError(KernelError):
@@ -133,7 +135,7 @@ def load_config(
             take(key, raw, f"env {var}", strict=False)
     for key, value in (flags or {}).items():
         if value is not None:
-            take(key, value, f"flag --{key.replace('_', '-')}", strict=True)
+            take(key, value, f"flag {_FLAGS.get(key, '--' + key.replace('_', '-'))}", strict=True)
     return Config(**values), sources  # type: ignore[arg-type]
 
 

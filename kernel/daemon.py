@@ -9,9 +9,10 @@ Protocol (single instance and discovery):
    lives (``InstanceExistsError``) and accepted once it is dead.
 2. *Clean.* Holding the lock, it removes the segments of every instance whose owner is dead
    (``cleanup_stale``), the remains of an ``astrad`` killed with SIGKILL included.
-3. *Publish.* It creates its instance, control block and arena, starts the supervisor, and
-   only then writes ``N.json`` (instance id, pid, start time, workers) by rename, so a
-   client that reads the file finds a running kernel.
+3. *Publish.* It creates its instance, control block and arena, loads the plugins
+   (kernel/plugins.py: a plugin that fails is reported and skipped, never fatal), starts
+   the supervisor, and only then writes ``N.json`` (instance id, pid, start time,
+   workers) by rename, so a client that reads the file finds a running kernel.
 4. *Stop.* SIGTERM/SIGINT drain the workers (``kernel.supervisor`` protocol 4); the state
    file, then every segment, is removed; the lock goes with the process.
 """
@@ -31,7 +32,7 @@ import msgspec
 
 from ipc import Arena, Instance, cleanup_stale
 
-from . import proc
+from . import plugins as plugins_, proc
 from .control import ControlBlock
 from .errors import InstanceExistsError
 from .kmetrics import render_kernel_metrics
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .notify import Notifier
+    from .plugins import Candidate
 
 log = logging.getLogger("astra.daemon")
 
@@ -130,17 +132,20 @@ def run_daemon(
     notifier: Notifier | None = None,
     on_reload: Callable[[], None] | None = None,
     metrics_addr: str = "",
+    plugins: list[Candidate] | None = None,
 ) -> int:
     """Run ``astrad`` in this process (its main thread) until SIGTERM/SIGINT; returns the
     exit code. Tells systemd through ``notifier`` (READY=1 once the workers are up, watchdog
     pings, STOPPING=1); SIGHUP calls ``on_reload``; ``metrics_addr`` (``HOST:PORT``) serves
-    Prometheus ``/metrics``. Raises ``InstanceExistsError`` if a live astrad already has
+    Prometheus ``/metrics``; ``plugins`` (from ``kernel.plugins.discover``) are loaded
+    before the workers start. Raises ``InstanceExistsError`` if a live astrad already has
     ``name``, ``OSError`` if the metrics address cannot be bound."""
     root = state_dir or default_state_dir()
     lock_fd = _lock(root, name)
     proc.set_name("astrad")
     state_path = ""
     server: MetricsServer | None = None
+    host: plugins_.PluginHost | None = None
     try:
         cleanup_stale(os.getenv("ASTRA_SHM_LABEL") or None)
         n = workers or os.cpu_count() or 1
@@ -149,9 +154,13 @@ def run_daemon(
             arena = Arena.create(inst, size=arena_bytes)
             registry = Registry.create(inst, MAX_AGENTS)
             try:
+                data_dir = os.path.join(root, name)
+                if plugins is not None:
+                    host = plugins_.PluginHost.load(plugins, data_dir)
+                    plugins_.activate(host)
                 sup = Supervisor(
                     inst, control, arena, policy, notifier=notifier, on_reload=on_reload,
-                    data_dir=os.path.join(root, name),
+                    data_dir=data_dir, plugin_host=host,
                 )  # fmt: skip
                 sup.start()
                 install_signal_wakeup(sup.wake_fd)
@@ -178,4 +187,6 @@ def run_daemon(
                 arena.close()
                 control.close()
     finally:
+        if host is not None:
+            host.close()
         os.close(lock_fd)

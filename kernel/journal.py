@@ -31,8 +31,10 @@ Protocols:
    (``scan`` copies its range out before returning, rather than holding a cursor open).
 4. *Fork.* LMDB forbids using an environment in a child of the process that opened it. An
    ``os.register_at_fork`` hook takes every open journal's lock before ``fork()`` (so no
-   transaction is live at that moment) and, in the child, closes the inherited handles
-   without touching the parent's reader slots (LMDB clears only slots of the calling pid).
+   transaction is live at that moment) and, in the child, drops the inherited handles
+   without closing them: py-lmdb's ``close()`` waits for operations in flight, and one that
+   another thread of the parent was running outside the journal's lock (py-lmdb's own
+   bookkeeping, another module's environment) never ends in the child, which hung there.
    A call on such a journal raises ``JournalError``; ``reopen()`` opens it afresh in the
    child, and ``Journal.open`` of the same path works there too.
 
@@ -209,6 +211,7 @@ class Journal:
         return journal
 
     def _open_env(self) -> None:
+        release_inherited(self._path)
         try:
             env = lmdb.open(
                 self._path,
@@ -593,6 +596,25 @@ def _after_fork_in_parent() -> None:
         _locked_for_fork.pop()._lock.release()
 
 
+#: Environments a forked child inherited, by real path: never used, and closed only when this
+#: process opens the same path again (py-lmdb refuses a second handle on one path per
+#: process); a sandboxed tool's child never does, so it never closes one.
+_inherited: dict[str, lmdb.Environment] = {}
+
+
+def inherit(path: str, env: lmdb.Environment) -> None:
+    """Keep ``env``, inherited across a fork, unclosed (``_after_fork_in_child``)."""
+    _inherited[os.path.realpath(path)] = env
+
+
+def release_inherited(path: str) -> None:
+    """Close the inherited environment of ``path``, if any, before opening it afresh."""
+    env = _inherited.pop(os.path.realpath(path), None)
+    if env is not None:
+        with contextlib.suppress(lmdb.Error):
+            env.close()
+
+
 def _after_fork_in_child() -> None:
     _locked_for_fork.clear()  # the child replaces these locks below
     for journal in list(_open_journals):
@@ -600,9 +622,11 @@ def _after_fork_in_child() -> None:
         env, journal._env = journal._env, None
         journal._dbs.clear()
         if env is not None:
-            # Frees the child's mapping and fds only (protocol 4); dropped even if it fails.
-            with contextlib.suppress(lmdb.Error):
-                env.close()
+            # Not closed here, nor freed (its dealloc would close it): py-lmdb's close()
+            # waits for operations in flight, and one that another thread of the parent was
+            # in at the fork never ends in the child, which then hung for ever. Closed when
+            # this child opens the path again (release_inherited), never otherwise.
+            inherit(journal._path, env)
         _open_journals.discard(journal)
         # journal._pid stays the parent's: calls raise the "use reopen()" JournalError.
 

@@ -43,7 +43,8 @@ Protocols:
    transaction is replayed; ``MDB_MAP_RESIZED`` (another process grew it) is adopted. Every
    transaction begins and ends under the store's lock, so none is live while the map moves.
 5. *Fork.* An ``os.register_at_fork`` hook takes every store's lock before ``fork()`` and
-   drops the inherited environment in the child; there every call raises
+   drops the inherited environment in the child, unclosed (``kernel/journal.py``, protocol
+   4, says why); there every call raises
    ``MemoryStoreError`` until ``reopen()`` (or open a new ``MemoryStore`` on the path).
 
 Durability: with ``sync=True`` (the default) a write returns after ``fsync``, and survives
@@ -83,6 +84,7 @@ __all__ = [
     "MemoryStore",
     "MemoryStoreError",
     "MemoryStoreFullError",
+    "MemoryView",
     "Namespace",
 ]
 
@@ -94,14 +96,22 @@ import struct
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeVar
 
 import lmdb
 import msgspec
 import numpy as np
 
 from .errors import KernelError
-from .journal import DIR_MODE, FILE_MODE, MAP_BYTES, MAX_MAP_BYTES, MAX_READERS
+from .journal import (
+    DIR_MODE,
+    FILE_MODE,
+    MAP_BYTES,
+    MAX_MAP_BYTES,
+    MAX_READERS,
+    inherit,
+    release_inherited,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -165,6 +175,37 @@ class MemoryStatistics:
     readers: int  #: reader slots taken so far, all processes together
     index_refreshes: int  #: searches (this process) that found their index changed
     chunks_loaded: int  #: vector chunks copied into this process's caches
+
+
+class MemoryView(Protocol):
+    """One namespace as the memory service hands it out (``astra.Memory``): inside an agent
+    ``self.memory`` and ``self.shared_memory(name)`` (kernel/actors.py), in a client
+    ``k.memory(name)``. The methods are ``Namespace``'s; search hits are ``(id, score,
+    meta)`` tuples with those fields named."""
+
+    name: str
+
+    def get(self, key: str, default: object = None) -> object: ...
+
+    def put(self, key: str, value: object) -> None: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def scan(self, prefix: str = "") -> list[tuple[str, object]]: ...
+
+    def append(self, log: str, item: object) -> int: ...
+
+    def range(
+        self, log: str, since: float | None = None, until: float | None = None, *, by: str = "seq"
+    ) -> list[tuple[int, object]]: ...
+
+    def tail(self, log: str, n: int) -> list[object]: ...
+
+    def add(self, id: str, vector: npt.ArrayLike, meta: object = None) -> None: ...
+
+    def search(
+        self, vector: npt.ArrayLike, k: int = 10, where: Mapping[str, object] | None = None
+    ) -> Sequence[tuple[str, float, object]]: ...
 
 
 # ---- Values: msgpack, numpy arrays raw ----
@@ -315,6 +356,7 @@ class MemoryStore:
         self._open_env()
 
     def _open_env(self) -> None:
+        release_inherited(self._path)
         try:
             env = lmdb.open(
                 self._path,
@@ -1260,10 +1302,9 @@ def _after_fork_in_child() -> None:
         store._lock = threading.Lock()
         env, store._env = store._env, None
         if env is not None:
-            # Frees the child's mapping and fds only: mdb_env_close clears reader slots of
-            # the calling pid, and the child has none (journal.py, protocol 4).
-            with contextlib.suppress(lmdb.Error):
-                env.close()
+            # Not closed here (kernel/journal.py, protocol 4): only when this child opens
+            # the path again.
+            inherit(store._path, env)
         _open_stores.discard(store)
         # store._pid stays the parent's: calls raise the "call reopen()" MemoryStoreError.
 

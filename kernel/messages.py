@@ -63,6 +63,10 @@ class RunTask(msgspec.Struct, frozen=True, tag=200, array_like=True, gc=False):
     priority: int = 0  #: higher runs first among this worker's ready tasks
     timeout_s: float = 0.0  #: wall-clock limit for one run; 0 means none
     refs: bool = False  #: ``args`` holds arena references (``shipping.dumps_refs``)
+    stolen: bool = False  #: forwarded by a victim to a thief (kernel/scheduler.py), not new
+    #: no retries left: the worker shows it running until its reply is in the ring, so a
+    #: worker death before the reply fails it (WorkerCrashedError) instead of re-running it
+    once: bool = False
 
 
 class SpawnAgent(msgspec.Struct, frozen=True, tag=208, array_like=True, gc=False):
@@ -78,6 +82,9 @@ class SpawnAgent(msgspec.Struct, frozen=True, tag=208, array_like=True, gc=False
     persist: bool  #: checkpoint the agent's state
     mailbox: int = 0  #: mailbox capacity; 0 for the default
     tools: bytes = b""  #: pickled {name: ToolSpec} of the tools granted to it (kernel/tools.py)
+    #: plugin name -> what it was granted for that plugin, e.g. {"memory": ["team"]}
+    #: (kernel/plugins.py ``AgentInfo.grants``)
+    grants: dict[str, list[str]] = {}
 
 
 class AgentCall(msgspec.Struct, frozen=True, tag=209, array_like=True, gc=False):

@@ -17,26 +17,39 @@ A ``SharedLoop`` lets the thread that read the frame run it instead, when the lo
     wakes from select, waits for the lock <-----  release; wake the loop thread only if the
     runs whatever is left                         ready queue or the earliest timer changed
 
-Invariants: the loop's callbacks run one at a time, whichever thread runs them (``lock``),
-so the loop's single-writer rule holds; the borrowing thread runs only callbacks that were
-ready when it looked, and wakes the loop thread for anything it left behind (new ready
-callbacks, an earlier timer, a new reader), so nothing waits for an unrelated event. If the
-loop thread is busy (a callback is running), ``borrow`` fails at once and the caller hands
-the work over as before.
+Invariants:
 
-This reaches into two private attributes of CPython's ``BaseEventLoop`` (``_ready``,
-``_scheduled``) and uses ``asyncio._set_running_loop``, all stable from 3.8 to 3.13; a loop
-without them is never borrowed (``borrowable`` is False) and everything goes through
-``call_soon_threadsafe``.
+- The loop's callbacks run one at a time, whichever thread runs them (``lock``), so the
+  loop's single-writer rule holds, and in ready-queue order: a borrower queues its work
+  behind what is ready (``call_soon``) and runs the queue, so work handed over earlier by
+  another thread is never overtaken.
+- The borrower runs ready callbacks for at most ``budget_s`` (checked after each) and wakes
+  the loop thread for anything left behind (ready callbacks, an earlier timer), so nothing
+  waits for an unrelated event. Readers it registers are seen by a running ``epoll_wait``;
+  events the loop thread collected for a registration the borrower replaced meanwhile are
+  dropped (``_Selector``).
+- While borrowed, the thread has the loop as its running loop and the loop's async-generator
+  hooks, so coroutines and async generators behave as on the loop thread.
+- If the loop thread is busy (a callback is running), ``borrow`` fails at once and the
+  caller hands the work over. It also fails in asyncio debug mode (which checks the thread
+  of every ``call_soon``) and for ``BORROW_BACKOFF_S`` after a borrow that a slow handler
+  held past ``SLOW_BORROW_S``: the borrowing thread is the worker's ring reader, and a
+  handler that blocks should block the loop thread, not the tasks, cancels and steals.
+
+This reaches into private attributes of CPython's ``BaseEventLoop`` (``_ready``,
+``_scheduled``, the async-generator hooks) and uses ``asyncio._set_running_loop``, all
+stable from 3.8 to 3.13; a loop without them is never borrowed (``borrowable`` is False)
+and everything goes through ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
-__all__ = ["BORROW_BUDGET_S", "SharedLoop"]
+__all__ = ["BORROW_BACKOFF_S", "BORROW_BUDGET_S", "SLOW_BORROW_S", "SharedLoop"]
 
 import asyncio
 import contextlib
 import selectors
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Final, Protocol, cast
@@ -51,11 +64,19 @@ if TYPE_CHECKING:
 BORROW_BUDGET_S: Final = 0.002
 
 
+#: A borrow held longer than this (a slow handler) suspends borrowing for BORROW_BACKOFF_S.
+SLOW_BORROW_S: Final = 0.02
+BORROW_BACKOFF_S: Final = 1.0
+
+
 class _Internals(Protocol):
     """What ``borrow`` and ``run_ready`` use of CPython's ``BaseEventLoop``."""
 
     _ready: collections.deque[asyncio.Handle]
     _scheduled: list[asyncio.TimerHandle]
+
+    def _asyncgen_firstiter_hook(self, agen: object) -> None: ...
+    def _asyncgen_finalizer_hook(self, agen: object) -> None: ...
 
 
 class _Selector(selectors.DefaultSelector):
@@ -70,9 +91,14 @@ class _Selector(selectors.DefaultSelector):
             return super().select(timeout)
         self._borrow_lock.release()
         try:
-            return super().select(timeout)
+            events = super().select(timeout)
         finally:
             self._borrow_lock.acquire()
+        # A borrower may have replaced a registration meanwhile (a cancelled sock_recv and a
+        # new one on the same fd): an event of the old key would act on the new one. Keep
+        # only current keys; level-triggered epoll reports a dropped readiness again.
+        current = self.get_map()
+        return [(key, ev) for key, ev in events if current.get(key.fd) is key]
 
 
 class SharedLoop:
@@ -82,6 +108,7 @@ class SharedLoop:
         self.lock = threading.Lock()
         self.loop = asyncio.SelectorEventLoop(_Selector(self.lock))
         self.borrowable = hasattr(self.loop, "_ready") and hasattr(self.loop, "_scheduled")
+        self._suspended_until = 0.0  # after a slow borrow: hand work over until then
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -93,19 +120,37 @@ class SharedLoop:
     def borrow(self) -> Iterator[bool]:
         """Yield True with the loop held by this thread (run loop code, then ``run_ready``),
         or False at once if the loop thread is running callbacks (hand the work over)."""
-        if not self.borrowable or not self.lock.acquire(blocking=False):
+        if (
+            not self.borrowable
+            or self.loop.get_debug()  # debug mode checks that call_soon runs on its thread
+            or (self._suspended_until and time.monotonic() < self._suspended_until)
+            or not self.lock.acquire(blocking=False)
+        ):
             yield False
             return
         loop = cast("_Internals", self.loop)
         scheduled = loop._scheduled
         first = scheduled[0] if scheduled else None
         asyncio._set_running_loop(self.loop)
+        # Async generators started here are finalized by the loop (aclose), as on its thread.
+        hooks = sys.get_asyncgen_hooks()
+        sys.set_asyncgen_hooks(
+            firstiter=loop._asyncgen_firstiter_hook, finalizer=loop._asyncgen_finalizer_hook
+        )
+        t0 = time.monotonic()
         try:
             yield True
         finally:
+            sys.set_asyncgen_hooks(*hooks)
             asyncio._set_running_loop(None)
             wake = bool(loop._ready) or (scheduled[0] if scheduled else None) is not first
             self.lock.release()
+            held_s = time.monotonic() - t0
+            if held_s > SLOW_BORROW_S:
+                # A handler ran long on the borrowing thread (the worker's ring reader, which
+                # tasks, cancels and steals also wait for): let the loop thread have the work
+                # for a while; one slow agent then costs the reader at most this once.
+                self._suspended_until = time.monotonic() + BORROW_BACKOFF_S
             if wake:
                 self.wake()
 
@@ -120,8 +165,8 @@ class SharedLoop:
                 handle = ready.popleft()
                 if not handle.cancelled():
                     handle._run()
-            if time.monotonic() >= deadline:
-                return
+                if time.monotonic() >= deadline:
+                    return
 
     def wake(self) -> None:
         """Make the loop thread leave ``select`` and look again (timers, ready queue)."""

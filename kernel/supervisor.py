@@ -73,7 +73,7 @@ from ipc import (
     unlink_ring,
 )
 
-from . import proc
+from . import plugins, proc
 from .agentd import RUNTIME_JOURNAL, SPECS_TABLE, decode_spec
 from .control import KernelState
 from .journal import Journal, JournalError
@@ -90,6 +90,7 @@ if TYPE_CHECKING:
     from .control import ControlBlock
     from .journal import Table
     from .notify import Notifier
+    from .plugins import Candidate, PluginHost
 
 #: Exit codes of a supervisor process (sysexits.h values where one fits).
 EXIT_OK: Final = 0
@@ -143,8 +144,10 @@ class Supervisor:
         notifier: Notifier | None = None,
         on_reload: Callable[[], None] | None = None,
         data_dir: str | None = None,
+        plugin_host: PluginHost | None = None,
     ) -> None:
         self._data_dir = data_dir  # the workers' (persisted agents)
+        self._plugins = plugin_host  # this process's; each worker builds its own from it
         self._specs_journal: Journal | None = None
         self._notifier = notifier
         self._on_reload = on_reload  # SIGHUP (install_signal_wakeup routes it here)
@@ -209,11 +212,17 @@ class Supervisor:
             )
             if self._pin:
                 proc.pin(index)
+            # The worker's own plugin instances (kernel/plugins.py protocol 2), set up
+            # before it serves anything; the supervisor's stay unused in this process.
+            host = self._plugins.for_worker(index) if self._plugins is not None else None
+            plugins.activate(host)
             worker = Worker(
                 index, self._instance, self._control, reader, self._arena, generation,
                 self._data_dir,
             )  # fmt: skip
             code = worker.run()
+            if host is not None:
+                host.close()
         except BaseException:
             log.exception("[PID %d] worker w%02d crashed", os.getpid(), index)
         finally:
@@ -331,7 +340,7 @@ class Supervisor:
                 registry.move(name, target.index)
                 frame = encode(SpawnAgent(
                     target.index, 0, name, spec.cls, spec.args, spec.restart, spec.persist,
-                    spec.mailbox, spec.tools,
+                    spec.mailbox, spec.tools, spec.grants,
                 ))  # fmt: skip
                 try:
                     target.writer.send_many([frame], timeout=1.0)
@@ -480,10 +489,13 @@ def fork_supervisor(
     pin: bool = True,
     child_hook: Callable[[], None] | None = None,
     data_dir: str | None = None,
+    plugin_candidates: list[Candidate] | None = None,
 ) -> int:
-    """Fork the supervisor of an embedded kernel; returns its pid. The child starts the
-    workers, posts ``ready``, supervises until SIGTERM (or until the embedding thread dies:
-    ``PR_SET_PDEATHSIG``), stops the workers and exits. It never returns into the caller."""
+    """Fork the supervisor of an embedded kernel; returns its pid. The child loads the
+    plugins (``plugin_candidates``, from ``kernel.plugins.discover``, their status under
+    ``data_dir``), starts the workers, posts ``ready``, supervises until SIGTERM (or until
+    the embedding thread dies: ``PR_SET_PDEATHSIG``), stops the workers and exits. It never
+    returns into the caller."""
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -493,11 +505,19 @@ def fork_supervisor(
         proc.after_fork_in_child("astra-sup", parent_pid=parent, death_signal=signal.SIGTERM)
         if child_hook is not None:
             child_hook()
-        sup = Supervisor(instance, control, arena, policy, pin=pin, data_dir=data_dir)
+        host = None
+        if plugin_candidates is not None and data_dir is not None:
+            host = plugins.PluginHost.load(plugin_candidates, data_dir)
+            plugins.activate(host)
+        sup = Supervisor(
+            instance, control, arena, policy, pin=pin, data_dir=data_dir, plugin_host=host
+        )
         sup.start()
         install_signal_wakeup(sup.wake_fd)
         ready.release()
         code = sup.run()
+        if host is not None:
+            host.close()
     except BaseException:
         log.exception("[PID %d] supervisor crashed", os.getpid())
     finally:

@@ -12,6 +12,10 @@ call with the sandbox's typed error; the worker and the agent carry on.
 Capabilities: an agent may call only the tools named at its spawn (``tools=[...]``); any
 other name raises ``CapabilityError`` before anything runs.
 
+Plugin tools (``ctx.tool`` in kernel/plugins.py) travel as ``ToolSpec(name, b"", {})``: the
+worker that runs the call takes the function and policy from its own plugins. Every call,
+granted or refused, is a ``tool_called`` event for the plugins' listeners.
+
 Audit: every call, granted or refused, appends an ``AuditEntry`` (time, agent, tool, a
 digest of the arguments, outcome, duration, peak RSS of the child) to the ``audit`` table
 of the kernel's journal ``<data_dir>/audit`` (synced: the log is a record). ``read_audit``
@@ -43,7 +47,7 @@ import msgspec
 
 from sandbox import Policy, Runner, SandboxError
 
-from . import shipping
+from . import plugins, shipping
 from .errors import KernelError
 from .journal import Journal, JournalError
 
@@ -117,6 +121,8 @@ def run_tool(
     digest = _digest(args, kwargs)
     outcome, duration, rss = "ok", 0.0, 0
     try:
+        if not spec.fn and spec.name not in BUILTIN_TOOLS:
+            spec = _plugin_tool(spec.name)
         runner = _runner(spec)
         if spec.fn:
             fn = shipping.load_function(spec.fn)
@@ -142,6 +148,18 @@ def run_tool(
         if data_dir is not None:
             audit(data_dir, AuditEntry(time.time(), agent, spec.name, digest, outcome,
                                        duration, rss))  # fmt: skip
+        if plugins.events.tool_called:
+            plugins.emit("tool_called", agent=agent, name=spec.name, detail=outcome)
+
+
+def _plugin_tool(name: str) -> ToolSpec:
+    """The spec of a tool a plugin of this process offers (kernel/plugins.py): what a
+    client or a spawn grant names by ``ToolSpec(name, b"", {})``."""
+    host = plugins.current()
+    spec = host.tool_spec(name) if host is not None else None
+    if spec is None:
+        raise CapabilityError(f"no tool named {name!r}")
+    return spec
 
 
 _data_dir: str | None = None  # this process's kernel data dir (a worker sets it)
@@ -162,6 +180,8 @@ def refuse(data_dir: str | None, agent: str, name: str, args: tuple[object, ...]
     """Audit a refused call and raise ``CapabilityError``."""
     if data_dir is not None:
         audit(data_dir, AuditEntry(time.time(), agent, name, _digest(args, {}), "refused", 0, 0))
+    if plugins.events.tool_called:
+        plugins.emit("tool_called", agent=agent, name=name, detail="refused")
     raise CapabilityError(f"agent {agent!r} was not granted the tool {name!r}")
 
 

@@ -29,6 +29,10 @@ Protocol:
    first; ``drain=False`` exits after the current task. A dead supervisor kills the worker
    (``PR_SET_PDEATHSIG``); a dead client's ring raises ``RingClosedError`` and its results
    are dropped.
+
+Plugins (kernel/plugins.py) see steps 1-3 as ``task_submitted`` (not again for a stolen
+task), ``task_started`` and ``task_finished``/``task_failed`` (before the reply leaves);
+each is behind its flag in ``plugins.events``, so nothing is built when nobody listens.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ from .messages import (
     decode_frames,
     encode,
 )
+from .plugins import emit, events
 from .scheduler import (
     STEAL_DELAY_S,
     STEAL_WAIT_S,
@@ -295,6 +300,7 @@ class Worker:
     def _handle(self, frames: list[bytes]) -> None:
         """Handle inbox frames (main thread, or the responder draining before it gives)."""
         agent_msgs: list[AgentFrame] = []
+        submitted: list[RunTask] = []  # for the plugins' task_submitted listeners, if any
         with self._heap_lock:
             for msg in decode_frames(frames):
                 if isinstance(msg, RunTask):
@@ -306,6 +312,8 @@ class Worker:
                     self._seq += 1
                     heapq.heappush(self._heap, (-msg.priority, self._seq, msg))
                     self._queued.add((msg.client, msg.task_id))
+                    if events.task_submitted and not msg.stolen:
+                        submitted.append(msg)
                 elif isinstance(msg, CancelRun):
                     self._cancel((msg.client, msg.task_id))
                 elif isinstance(msg, StealReply):
@@ -323,6 +331,8 @@ class Worker:
                     self._log.error("[PID %d] unexpected message %r", os.getpid(), msg)
             depth = len(self._heap)
             self._control.set_queued(self.index, depth)
+        for msg in submitted:  # outside the heap lock: listeners may take their time
+            emit("task_submitted", task=msg.task_id, client=msg.client, name=self._fn_name(msg))
         if agent_msgs:
             self._agents().on_frames(agent_msgs, here=threading.get_ident() == self._main_ident)
         if depth >= 2:
@@ -401,7 +411,7 @@ class Worker:
             if msg.fn_key not in with_fn:
                 with_fn.add(msg.fn_key)
                 fn = self._fn_src.get(msg.fn_key)
-            frames.append(encode(msgspec.structs.replace(msg, fn=fn)))
+            frames.append(encode(msgspec.structs.replace(msg, fn=fn, stolen=True)))
         frames.append(encode(StealReply(self.index, seq, len(msgs))))
         sent = 0
         writer = self._peer(thief, generation)
@@ -508,16 +518,47 @@ class Worker:
         self._metric("tasks_started")
         prepared = self._prepare(msg)
         if isinstance(prepared, TaskError):
+            self._emit_done(msg, prepared)
             self._queue_reply(msg, prepared)
             return
         fn, args, kwargs = prepared
+        if events.task_started:
+            emit("task_started", task=msg.task_id, client=msg.client, name=_qualname(fn))
         is_async = self._is_async.get(msg.fn_key)
         if is_async is None:
             is_async = self._is_async[msg.fn_key] = inspect.iscoroutinefunction(fn)
         if is_async:
             self._start_async(msg, fn, args, kwargs)
             return
-        self._queue_reply(msg, self._call(msg, fn, args, kwargs))
+        reply = self._call(msg, fn, args, kwargs)
+        self._emit_done(msg, reply)
+        self._queue_reply(msg, reply)
+        if msg.once:  # shown running until its reply is out: it must not run twice
+            self._flush()
+            self._control.set_running(self.index, -1, 0)
+
+    # ---- Lifecycle events for plugins (kernel/plugins.py), behind their flags ----
+
+    def _emit_done(self, msg: RunTask, reply: TaskDone | TaskError) -> None:
+        """task_finished or task_failed, before the reply leaves (so a client that has
+        its result finds the listeners' effects)."""
+        if isinstance(reply, TaskError):
+            if events.task_failed:
+                detail = reply.message.partition(":")[0]
+                emit("task_failed", task=msg.task_id, client=msg.client,
+                     name=self._fn_name(msg), detail=detail)  # fmt: skip
+        elif events.task_finished:
+            emit("task_finished", task=msg.task_id, client=msg.client, name=self._fn_name(msg))
+
+    def _fn_name(self, msg: RunTask) -> str:
+        """The task's function name, loading the function if it only arrived as bytes
+        (which stay: ``_prepare``, maybe on another thread, pops them)."""
+        fn = self._fns.get(msg.fn_key)
+        data = self._fn_bytes.get(msg.fn_key)
+        if fn is None and data is not None:
+            with contextlib.suppress(ShippingError):
+                fn = self._fns[msg.fn_key] = load_function(data)
+        return "" if fn is None else _qualname(fn)
 
     def _prepare(
         self, msg: RunTask
@@ -563,7 +604,8 @@ class Worker:
             if msg.timeout_s > 0:
                 self._timing = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            self._control.set_running(self.index, -1, 0)
+            if not msg.once:
+                self._control.set_running(self.index, -1, 0)
             _current = None
             self._observe(time.perf_counter() - t0)
         return self._done(msg, result)
@@ -717,6 +759,7 @@ class Worker:
         if reply is not None:
             if isinstance(reply, TaskError):
                 self._metric("tasks_failed")
+            self._emit_done(msg, reply)
             self._send(msg.client, msg.client_gen, [encode(reply)])
             self._count(1)
 
@@ -832,3 +875,7 @@ class Worker:
             self._links.clear()
             self._retired.clear()
         self._inbox.close()
+
+
+def _qualname(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", "") or type(fn).__qualname__)

@@ -20,6 +20,7 @@ def test_astra_exports_are_locked():
         "Graph",
         "Kernel",
         "KernelNotRunningError",
+        "Memory",
         "Node",
         "RemoteError",
         "SerializationError",
@@ -31,6 +32,8 @@ def test_astra_exports_are_locked():
         "cancelled",
         "connect",
         "errors",
+        "memory",
+        "plugin",
         "tool",
     }
     for name in astra.__all__:
@@ -63,3 +66,14 @@ def test_kernel_exports_exist():
 
     for name in kernel.__all__:
         assert hasattr(kernel, name), name
+
+
+def test_plugin_and_memory_namespaces():
+    import astra.plugin
+
+    for name in astra.plugin.__all__:
+        assert hasattr(astra.plugin, name), name
+    assert astra.Memory is astra.memory.Memory
+    assert astra.Memory.__module__ == "astra.memory"
+    assert issubclass(astra.errors.ServiceNotFoundError, astra.errors.PluginError)
+    assert issubclass(astra.errors.DimensionMismatchError, astra.errors.MemoryStoreError)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kernel import memory
 from kernel.errors import KernelError
-from kernel.journal import MAX_READERS
+from kernel.journal import MAX_READERS, release_inherited
 from kernel.memory import (
     DimensionMismatchError,
     MemoryStore,
@@ -653,6 +653,7 @@ def test_readers_do_not_wait_for_a_writer_killed_inside_its_transaction(tmp_path
 
         def writer():  # holds LMDB's write lock, with an uncommitted put, until killed
             os.close(r)
+            release_inherited(str(path))  # py-lmdb allows one handle per path and process
             env = lmdb.open(str(path), max_dbs=4, max_readers=MAX_READERS)
             db = env.open_db(b"kv")
             txn = env.begin(write=True)

@@ -15,7 +15,7 @@ from kernel.metrics import (
     MetricsTable,
     render_prometheus,
 )
-from tests.helpers import fork_child, reap
+from tests.helpers import fork_child, reap, wait_until
 
 SPECS = (
     MetricSpec("astra_tasks_finished_total", "counter", "Tasks that finished."),
@@ -159,7 +159,7 @@ def test_the_exporter_is_its_own_process_and_is_reaped_at_close(table):
     pid = server.pid
     try:
         assert pid != os.getpid()
-        assert psutil.Process(pid).name() == "astra-metrics"
+        wait_until(lambda: psutil.Process(pid).name() == "astra-metrics")  # named after fork
         assert psutil.Process(pid).ppid() == os.getpid()
     finally:
         server.close()

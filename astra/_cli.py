@@ -1,9 +1,10 @@
 """The ``astra`` and ``astrad`` command lines.
 
-``astrad [--workers N] [--name NAME] [--state-dir DIR]`` runs the daemon in the foreground
-(systemd runs it as a service). ``astra status|ps|stop [--json]`` inspect and stop a
-running daemon, ``astra demo`` starts an embedded kernel and runs a small task demo, and
-``astra cleanup`` removes the shared memory of dead instances.
+``astrad [--workers N] [--name NAME] [--state-dir DIR] [--plugin PKG.MOD:CLASS]`` runs the
+daemon in the foreground (systemd runs it as a service). ``astra status|ps|stop [--json]``
+inspect and stop a running daemon, ``astra plugins`` lists its plugins, ``astra demo``
+starts an embedded kernel and runs a small task demo, and ``astra cleanup`` removes the
+shared memory of dead instances.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ from kernel import (
     render_kernel_metrics,
     run_daemon,
 )
+from kernel.plugins import discover, read_plugins
 from kernel.tools import read_audit
 
 from ._errors import AgentNotFoundError, AstraError
-from ._kernel import connect
+from ._kernel import BUILTIN_PLUGINS, connect
 from ._service import UNIT_NAME, install_unit, render_unit
 from ._version import __version__
 
@@ -84,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         ("stop", "stop a daemon (SIGTERM: it drains, then exits)"),
         ("kill", "stop an agent at once, dropping its mailbox"),
         ("audit", "the daemon's tool calls: agent, tool, outcome, duration, peak RSS"),
+        ("plugins", "the daemon's plugins: state, source, services, tools, events, failures"),
     ):
         p = sub.add_parser(name, help=text)
         if name == "kill":
@@ -99,8 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--name", default="default", help="daemon name (default: default)")
     top.add_argument("--state-dir", default=None, help="daemon state directory")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
-    demo = sub.add_parser("demo", help="start an embedded kernel and run a small task demo")
-    demo.add_argument("--workers", type=int, default=None)
+    # `astra demo ARGS` goes straight to astra._demo.main (main() below); listed here for --help.
+    sub.add_parser(
+        "demo", add_help=False,
+        help="a code-review team of agents, a DAG and sandboxed tools on an embedded kernel "
+        "(astra demo --help)",
+    )  # fmt: skip
     service = sub.add_parser("service", help="run astrad as a systemd service")
     service_sub = service.add_subparsers(dest="action", required=True)
     install = service_sub.add_parser("install", help=f"write {UNIT_NAME} for systemd")
@@ -114,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``astra``. Returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from ._demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "cleanup":
         removed = cleanup_stale(args.label)
@@ -136,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return _kill(args)
     if args.command == "audit":
         return _audit(args)
-    if args.command == "demo":
-        return _demo(args.workers)
+    if args.command == "plugins":
+        return _plugins(args)
     if args.command == "service":
         return _service_install(args)
     _parser().print_help(sys.stderr)
@@ -385,6 +397,27 @@ def _audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _plugins(args: argparse.Namespace) -> int:
+    """Reads the plugins' status from the daemon's data dir (its last run if it is not
+    running): one row per plugin, then every failure reported by any of its processes."""
+    root = args.state_dir or default_state_dir()
+    rows = read_plugins(os.path.join(root, args.name))
+    if args.json:
+        print(json.dumps([msgspec.structs.asdict(r) for r in rows]))
+        return EXIT_OK
+    print(f"{'plugin':<16}{'state':<10}{'services':>9}{'tools':>6}{'events':>7}  source")
+    for r in rows:
+        print(
+            f"{r.name[:15]:<16}{r.state:<10}{len(r.services):>9}{len(r.tools):>6}"
+            f"{len(r.events):>7}  {r.source} ({r.spec})"
+        )
+        if r.error:
+            print(f"    error: {r.error}")
+        for failure in r.failures:
+            print(f"    failed in {failure}")
+    return EXIT_OK
+
+
 def _kill(args: argparse.Namespace) -> int:
     if _live_state(args) is None:
         return EXIT_UNAVAILABLE
@@ -422,33 +455,6 @@ def _stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---- demo ----
-
-
-def _square(x: int) -> int:
-    return x * x
-
-
-def _pid(_: int) -> int:
-    return os.getpid()
-
-
-def _demo(workers: int | None) -> int:
-    from ._kernel import Kernel
-
-    t0 = time.perf_counter()
-    with Kernel(workers=workers) as k:
-        ready_ms = (time.perf_counter() - t0) * 1e3
-        print(f"embedded kernel ready in {ready_ms:.1f} ms with {k.workers} workers")
-        print("squares:", k.map(_square, range(10)))
-        futures = [k.submit(_square, i) for i in range(1000)]
-        print("sum of 1,000 squares:", sum(k.gather(futures)))
-        pids = sorted(set(k.map(_pid, range(200))))
-        print(f"200 tasks ran in {len(pids)} worker processes: {pids}")
-    print("kernel stopped; shared memory removed")
-    return EXIT_OK
-
-
 # ---- astrad ----
 
 
@@ -471,6 +477,10 @@ def _astrad_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="debug, info, warning or error")
     parser.add_argument("--log-format", default=None, help="text (default) or json")
     parser.add_argument("--metrics-addr", default=None, help="serve /metrics on HOST:PORT")
+    parser.add_argument(
+        "--plugin", dest="plugins", action="append", default=None, metavar="PKG.MOD:CLASS",
+        help="load this plugin too (repeatable; entry points of 'astra.plugins' always load)",
+    )  # fmt: skip
     return parser
 
 
@@ -504,6 +514,7 @@ def astrad_main(argv: list[str] | None = None) -> int:
                   needs_restart=",".join(ignored) or "-")  # fmt: skip
         notifier.ready(status="configuration reloaded")
 
+    requested = [(spec, sources["plugins"]) for spec in config.plugins]
     try:
         return run_daemon(
             config.name,
@@ -518,6 +529,7 @@ def astrad_main(argv: list[str] | None = None) -> int:
             notifier=notifier,
             on_reload=reload,
             metrics_addr=config.metrics_addr,
+            plugins=discover(BUILTIN_PLUGINS, requested),
         )
     except InstanceExistsError as exc:
         print(f"astrad: {exc}", file=sys.stderr)

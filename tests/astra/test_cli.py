@@ -65,17 +65,21 @@ def test_astrad_check_config_prints_the_effective_config(capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_demo_runs_a_small_task_demo():
+def test_astra_demo_runs_the_review_team_demo(tmp_path):
+    """`astra demo ARGS` is astra._demo.main(ARGS): here on a two-file tree, as JSON."""
+    (tmp_path / "a.py").write_text("def f(x):\n    return x\n")
+    (tmp_path / "b.py").write_text("class C:\n    def m(self):\n        return 1\n")
     out = subprocess.run(
-        [sys.executable, "-m", "astra._cli", "demo", "--workers", "2"],
+        [sys.executable, "-m", "astra._cli", "demo", "--workers", "2", "--json", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     ).stdout
-    assert "embedded kernel ready in" in out
-    assert "squares: [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in out
-    assert "kernel stopped" in out
+    summary = json.loads(out)
+    assert summary["files"] == 2
+    assert summary["functions"] == 2
+    assert summary["classes"] == 1
 
 
 @pytest.mark.slow

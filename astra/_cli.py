@@ -49,6 +49,7 @@ from kernel.tools import read_audit
 from ._errors import AgentNotFoundError, AstraError
 from ._kernel import BUILTIN_PLUGINS, connect
 from ._service import UNIT_NAME, install_unit, render_unit
+from ._top import metrics_snapshot
 from ._version import __version__
 
 _log = logging.getLogger("astra.daemon")
@@ -233,6 +234,7 @@ def _snapshot(state: DaemonState) -> dict[str, Any]:
             "clients": [{"slot": c.slot, "pid": c.pid} for c in control.clients()],
             "astrad": _proc_info(state.pid, procs),
             "workers": workers,
+            "metrics": metrics_snapshot(control),  # tasks failed, tool calls by outcome
         }
     finally:
         control.close()

@@ -59,6 +59,7 @@ from kernel import (
 )
 from kernel.daemon import default_state_dir
 from kernel.journal import Journal, JournalError
+from kernel.kmetrics import client_row
 from kernel.plugins import PluginInfo, call_service, read_plugins
 from kernel.tools import AuditEntry, CapabilityError, ToolSpec, read_audit, tool_task
 from kernel.worker import ARENA_THRESHOLD_BYTES
@@ -197,6 +198,11 @@ class Client:
         self._rr = 0
         self._last_check = time.monotonic()
         self._slot, self._gen = control.register(own_instance.id, self._pid)
+        # This client's row of the hot-path metrics (kernel/kmetrics.py), under self._lock.
+        table = control.metrics
+        self._metrics = (
+            table.row(client_row(control.workers, self._slot)) if table is not None else None
+        )
         self._links: list[_WorkerLink] = []
         try:
             # Lanes: every worker, a replacement for each (a restarted worker claims a lane
@@ -337,6 +343,8 @@ class Client:
             self._pack_into(task, args, kwargs)
         with self._lock:
             self._tasks[tid] = task
+            if self._metrics is not None:
+                self._metrics.inc("tasks_submitted")
         if deps:
             self._after(task, deps, args, kwargs)
         return task
@@ -1110,6 +1118,8 @@ class Client:
                     task.retries_left -= 1
                     if task.retries_left < 0:
                         crashed.append(task)
+            if self._metrics is not None:
+                self._metrics.inc("tasks_retried", len(lost) - len(crashed))
         for task in crashed:
             self._finish(task.id, exc=WorkerCrashedError(f"worker w{index:02d} died"))
         resend = [t for t in lost if t not in crashed]

@@ -87,6 +87,7 @@ AGENT_STATES: Final = ("idle", "running", "waiting")
 TOOL_OUTCOMES: Final = ("ok", "refused", "timeout", "memory", "violation", "crashed", "error")
 _TOOL_OUTCOME_OF: Final = {
     "ok": "ok",
+    "refused": "refused",
     "CapabilityError": "refused",
     "SandboxTimeout": "timeout",
     "SandboxMemoryError": "memory",

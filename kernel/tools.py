@@ -50,9 +50,12 @@ from sandbox import Policy, Runner, SandboxError
 from . import plugins, shipping
 from .errors import KernelError
 from .journal import Journal, JournalError
+from .kmetrics import tool_outcome
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from .metrics import MetricsRow
 
 #: The journal (under the kernel's data dir) and its table holding the audit log.
 AUDIT_JOURNAL: Final = "audit"
@@ -95,6 +98,7 @@ _decoder: Final = msgspec.msgpack.Decoder(AuditEntry)
 _runners: dict[tuple[str, tuple[tuple[str, str], ...]], Runner] = {}
 _runners_lock = threading.Lock()
 _journals: dict[str, Journal] = {}
+_metrics: tuple[MetricsRow, threading.Lock] | None = None  # set_metrics
 _seq = 0
 
 
@@ -148,8 +152,24 @@ def run_tool(
         if data_dir is not None:
             audit(data_dir, AuditEntry(time.time(), agent, spec.name, digest, outcome,
                                        duration, rss))  # fmt: skip
+        _count(outcome)
         if plugins.events.tool_called:
             plugins.emit("tool_called", agent=agent, name=spec.name, detail=outcome)
+
+
+def set_metrics(row: MetricsRow | None, lock: threading.Lock) -> None:
+    """Count this process's tool calls by outcome into ``row`` (a worker's metrics row,
+    kernel/kmetrics.py), under ``lock`` (the row's other writers take it too)."""
+    global _metrics
+    _metrics = (row, lock) if row is not None else None
+
+
+def _count(outcome: str) -> None:
+    held = _metrics
+    if held is not None:
+        row, lock = held
+        with lock:
+            row.inc(f"tool_{tool_outcome(outcome)}")
 
 
 def _plugin_tool(name: str) -> ToolSpec:
@@ -180,6 +200,7 @@ def refuse(data_dir: str | None, agent: str, name: str, args: tuple[object, ...]
     """Audit a refused call and raise ``CapabilityError``."""
     if data_dir is not None:
         audit(data_dir, AuditEntry(time.time(), agent, name, _digest(args, {}), "refused", 0, 0))
+    _count("refused")
     if plugins.events.tool_called:
         plugins.emit("tool_called", agent=agent, name=name, detail="refused")
     raise CapabilityError(f"agent {agent!r} was not granted the tool {name!r}")

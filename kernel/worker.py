@@ -105,7 +105,7 @@ from .shipping import (
     loads_refs,
     pack_exception,
 )
-from .tools import set_data_dir
+from .tools import set_data_dir, set_metrics
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -224,6 +224,7 @@ class Worker:
         table = control.metrics
         self.metrics: MetricsRow | None = table.row(index) if table is not None else None
         self.metrics_lock = threading.Lock()
+        set_metrics(self.metrics, self.metrics_lock)  # tool calls by outcome
 
     # ---- Main loop (protocol steps 1 and 4) ----
 

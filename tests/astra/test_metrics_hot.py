@@ -4,18 +4,26 @@ from an embedded kernel's scrape while work runs."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import astra
+from astra.errors import CapabilityError
 from kernel.kmetrics import AGENT_SAMPLE_S, render_kernel_metrics
 from tests.astra.agents import Counter, Sleeper
-from tests.astra.tasks import boom, square
+from tests.astra.tasks import boom, sleep, square
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.multiprocess
+
+
+class ToolUser(astra.Agent):
+    async def run(self) -> object:
+        return await self.tool("python", "print(1)")
 
 
 def _scrape(k: astra.Kernel) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -53,6 +61,7 @@ def test_task_counters_and_the_duration_histogram_count_what_ran() -> None:
 
         wait_until(counted)
         after = _scrape(k)
+        assert _total(after, "astra_tasks_submitted_total") == 43
         assert _total(after, "astra_tasks_started_total") == 43
         assert _total(after, "astra_tasks_failed_total") == 3
         assert _total(after, "astra_task_duration_seconds_count") == 43
@@ -90,3 +99,31 @@ def test_agents_by_state_mailbox_and_messages_are_sampled() -> None:
         finally:
             pending.result(timeout=10)
         time.sleep(0)  # the kernel closes with every agent idle
+
+
+def test_tasks_resent_after_a_worker_died_count_as_retried() -> None:
+    with astra.Kernel(workers=2) as k:
+        pid = k.worker_pids()[0]
+        futures = [k.submit(sleep, 0.3, worker=0) for _ in range(3)]
+        wait_until(lambda: _total(_scrape(k), "astra_tasks_started_total", worker="w00") >= 1)
+        os.kill(pid, signal.SIGKILL)
+        assert [f.result(timeout=30) for f in futures] == [0.3] * 3  # re-run elsewhere
+        # those still on w00 at the kill (w01 may have stolen some): at least the running one
+        assert 1 <= _total(_scrape(k), "astra_tasks_retried_total") <= 3
+
+
+def test_tool_calls_are_counted_by_outcome() -> None:
+    with astra.Kernel(workers=2) as k:
+        k.call_tool("python", "print(6 * 7)").result(timeout=30)
+        noisy = k.spawn(ToolUser, tools=[])
+        with pytest.raises(CapabilityError):
+            noisy.ask("run").result(timeout=30)
+
+        def counted() -> bool:
+            s = _scrape(k)
+            return (
+                _total(s, "astra_tool_calls_total", outcome="ok") == 1
+                and _total(s, "astra_tool_calls_total", outcome="refused") == 1
+            )
+
+        wait_until(counted)

@@ -117,9 +117,15 @@ def test_top_in_a_pty_shows_live_workers_and_quits_on_q(tmp_path):
 
 @pytest.mark.slow
 def test_top_once_prints_one_frame(astrad, capsys):
+    with astrad.connect() as client:
+        assert client.map(square, range(50)) == [x * x for x in range(50)]
     assert main(["top", "--once", "--name", astrad.name, "--state-dir", astrad.state_dir]) == (
         EXIT_OK
     )
     out = capsys.readouterr().out
     assert "astra top - astrad" in out
     assert "w01" in out
+    started = re.search(r"tasks: (\d+) started", out)  # from the metrics table
+    assert started is not None, out
+    assert int(started.group(1)) >= 50
+    assert "tools: 0 calls" in out

@@ -18,7 +18,7 @@ working. What is deliberately *not* set, and why:
 
 from __future__ import annotations
 
-__all__ = ["UNIT_NAME", "install_unit", "render_unit"]
+__all__ = ["HIDDEN_TREES", "UNIT_NAME", "check_reachable", "install_unit", "render_unit"]
 
 import os
 import shutil
@@ -131,6 +131,7 @@ def install_unit(unit_dir: str = "/etc/systemd/system", **options: object) -> st
         OSError: the directory is not writable (run as root for the system directory).
     """
     text = render_unit(**options)  # type: ignore[arg-type]
+    check_reachable(_exec_path(text))
     path = os.path.join(unit_dir, UNIT_NAME)
     if os.path.exists(path):
         with open(path) as f:
@@ -143,3 +144,40 @@ def install_unit(unit_dir: str = "/etc/systemd/system", **options: object) -> st
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+#: Trees the unit's ProtectHome=yes hides from the service.
+HIDDEN_TREES: Final = ("/root", "/home", "/run/user")
+
+
+def _exec_path(unit: str) -> str:
+    line = next(ln for ln in unit.splitlines() if ln.startswith("ExecStart="))
+    return line.removeprefix("ExecStart=").split()[0]
+
+
+def check_reachable(astrad: str) -> None:
+    """Refuse an ``astrad`` (or the interpreter its ``#!`` line names) that the service could
+    not run: under a home directory, which ``ProtectHome=yes`` hides, as a pyenv or a
+    ``pip install --user`` puts it. Install Astra into a system location instead.
+
+    Raises:
+        ValueError: naming the path and the way out.
+    """
+    paths = [astrad]
+    try:
+        with open(astrad, "rb") as f:
+            first = f.readline(4096)
+        if first.startswith(b"#!"):
+            paths.append(first[2:].decode(errors="replace").split()[0])
+    except (OSError, IndexError):
+        pass
+    for path in paths:
+        real = os.path.realpath(path)
+        for tree in HIDDEN_TREES:
+            if real == tree or real.startswith(tree + "/"):
+                raise ValueError(
+                    f"{path} is under {tree}, which the unit's ProtectHome=yes hides from the "
+                    "service (and its user cannot read): install Astra into a system location "
+                    "first, e.g. python3 -m venv /opt/astra && /opt/astra/bin/pip install "
+                    "<this checkout>, then /opt/astra/bin/astra service install"
+                )

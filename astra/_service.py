@@ -96,16 +96,15 @@ def render_unit(
 
     Args:
         astrad: absolute path of the ``astrad`` executable (default: the one installed beside
-            this Python, else ``python -m astra._cli`` cannot serve: it must be absolute).
+            this Python, else the first on ``PATH``; it must be absolute).
         args: extra astrad arguments (``--name nightly --workers 16``).
         user, group: the account astrad runs as (the group defaults to the user's name).
 
     Raises:
         ValueError: no absolute astrad path could be found, or a bad argument.
     """
-    exe = (
-        astrad or shutil.which("astrad") or os.path.join(os.path.dirname(sys.executable), "astrad")
-    )
+    beside = os.path.join(os.path.dirname(sys.executable), "astrad")  # this installation's
+    exe = astrad or (beside if os.path.exists(beside) else shutil.which("astrad")) or beside
     if not os.path.isabs(exe):
         raise ValueError(f"astrad must be an absolute path, got {exe!r}")
     if watchdog_s <= 0 or stop_timeout_s <= 0:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -25,7 +24,6 @@ import psutil  # type: ignore[import-untyped]
 from ipc import Instance, IPCError, cleanup_stale, is_alive
 from kernel import (
     DEFAULT_CONFIG_PATH,
-    RELOADABLE,
     ConfigError,
     ControlBlock,
     InstanceExistsError,
@@ -38,7 +36,6 @@ from kernel import (
     format_config,
     list_states,
     load_config,
-    log_event,
     read_state,
     render_kernel_metrics,
     run_daemon,
@@ -51,8 +48,6 @@ from ._kernel import BUILTIN_PLUGINS, connect
 from ._service import UNIT_NAME, install_unit, render_unit
 from ._top import metrics_snapshot
 from ._version import __version__
-
-_log = logging.getLogger("astra.daemon")
 
 if TYPE_CHECKING:
     from kernel import DaemonState
@@ -505,17 +500,6 @@ def astrad_main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     configure_logging(config.log_level, config.log_format)
 
-    def reload() -> None:
-        # SIGHUP: re-read; apply what can change live (kernel.config.RELOADABLE).
-        notifier.reloading()
-        new, _ = load_config(args.config, flags=flags)
-        changed = [k for k in config_keys() if getattr(new, k) != getattr(config, k)]
-        ignored = [k for k in changed if k not in RELOADABLE]
-        configure_logging(new.log_level, new.log_format)
-        log_event(_log, logging.INFO, "config_reloaded", changed=",".join(changed) or "-",
-                  needs_restart=",".join(ignored) or "-")  # fmt: skip
-        notifier.ready(status="configuration reloaded")
-
     requested = [(spec, sources["plugins"]) for spec in config.plugins]
     try:
         return run_daemon(
@@ -529,7 +513,8 @@ def astrad_main(argv: list[str] | None = None) -> int:
                 shutdown_timeout_s=config.shutdown_timeout_s,
             ),
             notifier=notifier,
-            on_reload=reload,
+            config=config,  # SIGHUP re-reads and applies what can change live (kernel/daemon.py)
+            reload_config=lambda: load_config(args.config, flags=flags)[0],
             metrics_addr=config.metrics_addr,
             plugins=discover(BUILTIN_PLUGINS, requested),
         )

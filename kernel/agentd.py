@@ -205,7 +205,7 @@ class AgentService:
             try:
                 self._worker.send_to_client(slot, generation, frames)
             except Exception:  # one client's failure must not drop the others' replies
-                _log.exception("[PID %d] replies to c%d lost", os.getpid(), slot)
+                log_event(_log, logging.ERROR, "replies_lost", client=slot, exc_info=True)
 
     def _dispatch_all(self, msgs: list[AgentFrame]) -> None:
         for msg in msgs:
@@ -271,7 +271,9 @@ class AgentService:
             else:
                 self._stop(msg)
         except Exception:  # a bug here must not take the loop down
-            _log.exception("[PID %d] agent message %s failed", os.getpid(), type(msg).__name__)
+            log_event(
+                _log, logging.ERROR, "agent_message_failed", kind=type(msg).__name__, exc_info=True
+            )
 
     def _spawn(self, msg: SpawnAgent) -> None:
         try:
@@ -299,7 +301,9 @@ class AgentService:
             if msg.call_id:
                 self._send_to(msg.reply_to, pack_reply(msg.call_id, False, exc))
             else:  # a restart after a worker death: nobody waits
-                _log.error("[PID %d] agent %r failed to restart: %r", os.getpid(), msg.name, exc)
+                log_event(
+                    _log, logging.ERROR, "agent_restart_failed", agent=msg.name, error=repr(exc)
+                )
             return
         if msg.call_id:
             self._send_to(msg.reply_to, pack_reply(msg.call_id, True, msg.name))
@@ -413,7 +417,7 @@ class AgentService:
                 self._worker.send_to_client(slot, generation, [frame])
             return
         if not self._worker.send_to_worker(worker, frame):
-            _log.warning("[PID %d] w%02d is gone: a reply to it is lost", os.getpid(), worker)
+            log_event(_log, logging.WARNING, "reply_lost", worker=f"w{worker:02d}")
 
     # ---- Outbox (kernel/actors.py) ----
 

@@ -11,8 +11,13 @@ half-configured. An unknown key in the file is an error (a typo must not silentl
 to a default); unknown ``ASTRA_*`` variables are not, because other modules read their own
 (``ASTRA_RING_SPIN_US``...).
 
-What may change on SIGHUP (``RELOADABLE``) is re-read by the daemon; the rest needs a
-restart, and a reload that changes it says so and keeps the running value.
+Reload (SIGHUP, kernel/daemon.py): the daemon re-reads all four sources. A bad value is
+reported (the key and its source) and the running configuration stays, whole. Otherwise
+``apply_reload`` takes the ``RELOADABLE`` keys from the new config, and the daemon applies
+them at once: the restart policy and drain timeout in the supervisor, the log level and
+format in the supervisor and, through kernel/logs.py's shared word, in every worker before
+its next line. Any other key needs a restart: the reload names it and keeps the running
+value, and the config the next reload compares against is the one now running.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ __all__ = [
     "RELOADABLE",
     "Config",
     "ConfigError",
+    "apply_reload",
     "config_keys",
     "format_config",
     "load_config",
@@ -48,7 +54,15 @@ _FLAGS: Final = {"plugins": "--plugin"}
 
 class ConfigError(KernelError):
     """Raised by ``load_config`` for an unknown key, a bad value or an unreadable file; the
-    message names the key and where its value came from."""
+    message names the key and where its value came from, and ``key`` is that key (None for
+    an unreadable or malformed file)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str | None]]:
+        return (type(self), (str(self), self.key))
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -116,11 +130,12 @@ def load_config(
 
     def take(key: str, value: object, source: str, *, strict: bool) -> None:
         if key not in types:
-            raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(types)})")
+            known = ", ".join(types)
+            raise ConfigError(f"{source}: unknown key {key!r} (known: {known})", key)
         try:
             values[key] = msgspec.convert(value, types[key], strict=strict)
         except msgspec.ValidationError as exc:
-            raise ConfigError(f"{source}: bad value {value!r} for {key!r}: {exc}") from None
+            raise ConfigError(f"{source}: bad value {value!r} for {key!r}: {exc}", key) from None
         sources[key] = source
 
     file_path, named = _file_path(path, env)
@@ -137,6 +152,16 @@ def load_config(
         if value is not None:
             take(key, value, f"flag {_FLAGS.get(key, '--' + key.replace('_', '-'))}", strict=True)
     return Config(**values), sources  # type: ignore[arg-type]
+
+
+def apply_reload(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """What a reload does with a freshly loaded ``new`` config: returns the config to run
+    with from now on (``running`` with ``new``'s ``RELOADABLE`` values), the changed keys
+    applied live, and the changed keys that keep their running value until a restart."""
+    changed = [k for k in config_keys() if getattr(new, k) != getattr(running, k)]
+    live = [k for k in changed if k in RELOADABLE]
+    later = [k for k in changed if k not in RELOADABLE]
+    return msgspec.structs.replace(running, **{k: getattr(new, k) for k in live}), live, later
 
 
 def _file_path(path: str | None, env: Mapping[str, str]) -> tuple[str, bool]:

@@ -13,7 +13,13 @@ Protocol (single instance and discovery):
    (kernel/plugins.py: a plugin that fails is reported and skipped, never fatal), starts
    the supervisor, and only then writes ``N.json`` (instance id, pid, start time,
    workers) by rename, so a client that reads the file finds a running kernel.
-4. *Stop.* SIGTERM/SIGINT drain the workers (``kernel.supervisor`` protocol 4); the state
+4. *Reload.* SIGHUP (given ``reload_config``): ``RELOADING=1``; re-read the configuration;
+   a bad one is logged (``config_reload_failed key=...``) and the running one kept whole;
+   else the ``RELOADABLE`` keys are applied (restart policy and drain timeout in the
+   supervisor, log level and format in it and its workers: kernel/config.py) and become
+   the running config the next reload compares against. Whatever happened, ``READY=1``
+   follows, with a ``STATUS=`` that says whether the reload failed.
+5. *Stop.* SIGTERM/SIGINT drain the workers (``kernel.supervisor`` protocol 4); the state
    file, then every segment, is removed; the lock goes with the process.
 """
 
@@ -33,9 +39,11 @@ import msgspec
 from ipc import Arena, Instance, cleanup_stale
 
 from . import plugins as plugins_, proc
+from .config import ConfigError, apply_reload
 from .control import ControlBlock
 from .errors import InstanceExistsError
 from .kmetrics import render_kernel_metrics
+from .logs import configure_logging, log_event
 from .metrics import MetricsServer
 from .registry import MAX_AGENTS, Registry
 from .supervisor import RestartPolicy, Supervisor, install_signal_wakeup
@@ -48,6 +56,7 @@ DEFAULT_ARENA_BYTES: Final = int(os.getenv("ASTRA_ARENA_BYTES", str(1 << 30)))
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .config import Config
     from .notify import Notifier
     from .plugins import Candidate
 
@@ -121,6 +130,65 @@ def _write_state(state_dir: str, state: DaemonState) -> str:
     return path
 
 
+# ---- Reload: SIGHUP (protocol step 4) ----
+
+
+class _Reloader:
+    """Re-reads the configuration and applies what can change live (``RELOADABLE``); the
+    supervisor's loop calls ``reload`` on SIGHUP, between two events, so nothing it applies
+    races with a restart or a drain."""
+
+    def __init__(
+        self, running: Config, load: Callable[[], Config], notifier: Notifier | None
+    ) -> None:
+        self.running = running  # what the next reload compares against
+        self.supervisor: Supervisor | None = None  # set once the supervisor exists
+        self._load = load
+        self._notifier = notifier
+
+    def reload(self) -> None:
+        if self._notifier is not None:
+            self._notifier.reloading()
+        try:
+            status = self._apply()
+        except Exception as exc:  # a bug, not a bad file: report it, keep serving
+            log_event(log, logging.ERROR, "config_reload_failed", error=repr(exc), exc_info=True)
+            status = f"reload failed: {exc!r}"
+        if self._notifier is not None:  # READY=1 follows RELOADING=1, always
+            self._notifier.ready(status=status)
+
+    def _apply(self) -> str:
+        try:
+            new = self._load()
+        except ConfigError as exc:
+            log_event(
+                log, logging.ERROR, "config_reload_failed", key=exc.key or "-", error=str(exc),
+                kept="running configuration",
+            )  # fmt: skip
+            return f"reload failed, configuration unchanged: {exc}"
+        running, live, later = apply_reload(self.running, new)
+        configure_logging(running.log_level, running.log_format)  # workers too (logs.py)
+        assert self.supervisor is not None
+        self.supervisor.set_policy(
+            RestartPolicy(
+                max_restarts=running.max_restarts,
+                within_s=running.restart_within_s,
+                shutdown_timeout_s=running.shutdown_timeout_s,
+            )
+        )
+        self.running = running
+        log_event(
+            log, logging.INFO, "config_reloaded", changed=",".join(live) or "-",
+            needs_restart=",".join(later) or "-", log_level=running.log_level,
+            log_format=running.log_format, max_restarts=running.max_restarts,
+            restart_within_s=running.restart_within_s,
+            shutdown_timeout_s=running.shutdown_timeout_s,
+        )  # fmt: skip
+        if later:
+            return f"configuration reloaded; needs a restart: {', '.join(later)}"
+        return "configuration reloaded"
+
+
 def run_daemon(
     name: str = "default",
     *,
@@ -131,15 +199,25 @@ def run_daemon(
     policy: RestartPolicy | None = None,
     notifier: Notifier | None = None,
     on_reload: Callable[[], None] | None = None,
+    config: Config | None = None,
+    reload_config: Callable[[], Config] | None = None,
     metrics_addr: str = "",
     plugins: list[Candidate] | None = None,
 ) -> int:
     """Run ``astrad`` in this process (its main thread) until SIGTERM/SIGINT; returns the
     exit code. Tells systemd through ``notifier`` (READY=1 once the workers are up, watchdog
-    pings, STOPPING=1); SIGHUP calls ``on_reload``; ``metrics_addr`` (``HOST:PORT``) serves
-    Prometheus ``/metrics``; ``plugins`` (from ``kernel.plugins.discover``) are loaded
-    before the workers start. Raises ``InstanceExistsError`` if a live astrad already has
-    ``name``, ``OSError`` if the metrics address cannot be bound."""
+    pings, STOPPING=1); ``metrics_addr`` (``HOST:PORT``) serves Prometheus ``/metrics``;
+    ``plugins`` (from ``kernel.plugins.discover``) are loaded before the workers start.
+
+    SIGHUP: given ``reload_config`` (which re-reads the configuration ``config`` came from,
+    raising ``ConfigError`` for a bad one), the daemon reloads (protocol step 4); else it
+    calls ``on_reload``, a bare hook that does its own notifying and applying.
+
+    Raises:
+        InstanceExistsError: a live astrad already has ``name``.
+        OSError: the metrics address cannot be bound.
+    """
+    assert reload_config is None or (config is not None and on_reload is None)
     root = state_dir or default_state_dir()
     lock_fd = _lock(root, name)
     proc.set_name("astrad")
@@ -158,22 +236,31 @@ def run_daemon(
                 if plugins is not None:
                     host = plugins_.PluginHost.load(plugins, data_dir)
                     plugins_.activate(host)
+                reloader = None
+                if reload_config is not None:
+                    assert config is not None
+                    reloader = _Reloader(config, reload_config, notifier)
+                    on_reload = reloader.reload
                 sup = Supervisor(
                     inst, control, arena, policy, notifier=notifier, on_reload=on_reload,
                     data_dir=data_dir, plugin_host=host,
                 )  # fmt: skip
+                if reloader is not None:
+                    reloader.supervisor = sup
                 sup.start()
                 install_signal_wakeup(sup.wake_fd)
                 if metrics_addr:
-                    # XX: a thread in the supervisor, which forks replacement workers later;
-                    # logging re-creates its locks at fork, but a forked exporter process (or
-                    # serving from the supervisor's poll loop) would leave nothing to chance.
+                    # Served by a forked exporter process, astra-metrics (kernel/metrics.py):
+                    # no thread of the supervisor may hold a lock when it forks a worker.
                     server = MetricsServer(metrics_addr, lambda: render_kernel_metrics(control))
-                    log.info("[PID %d] serving /metrics on %s:%d", os.getpid(), *server.address)
+                    bound_host, bound_port = server.address[0], server.address[1]
+                    log_event(
+                        log, logging.INFO, "metrics_serving", host=bound_host, port=bound_port
+                    )
                 pid = os.getpid()
                 state = DaemonState(name, inst.id, pid, proc.process_start(pid), n, time.time())
                 state_path = _write_state(root, state)
-                log.info("[PID %d] astrad %r ready: %d workers", pid, name, n)
+                log_event(log, logging.INFO, "astrad_ready", name=name, workers=n, instance=inst.id)
                 if notifier is not None:
                     notifier.ready(status=f"{n} workers, instance {inst.id}")
                 return sup.run()

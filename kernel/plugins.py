@@ -636,7 +636,7 @@ class PluginHost:
         try:
             self.journal().table(_FAILURES_TABLE).put(key, f"{stage}: {error}".encode())
         except (JournalError, OSError):
-            _log.exception("[PID %d] cannot record the failure of plugin %r", os.getpid(), name)
+            log_event(_log, logging.ERROR, "plugin_failure_unrecorded", plugin=name, exc_info=True)
 
     # ---- The journal: status and the plugins' own tables ----
 
@@ -673,7 +673,7 @@ class PluginHost:
                 for row in rows:
                     batch.put(status, row.name.encode(), _encoder.encode(row))
         except (JournalError, OSError):
-            _log.exception("[PID %d] cannot write the plugins' status", os.getpid())
+            log_event(_log, logging.ERROR, "plugin_status_unwritten", exc_info=True)
 
     # ---- Closing ----
 
@@ -694,7 +694,9 @@ class PluginHost:
         try:
             loaded.plugin.close()
         except (Exception, SystemExit):
-            _log.exception("[PID %d] plugin %r failed to close", os.getpid(), loaded.cand.name)
+            log_event(
+                _log, logging.ERROR, "plugin_close_failed", plugin=loaded.cand.name, exc_info=True
+            )
 
 
 # ---- This process's host ----

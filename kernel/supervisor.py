@@ -27,7 +27,8 @@ Protocols:
    is closed for good), and sends ``WorkerLost`` to every client, which re-sends that
    worker's tasks (the running one counts against its ``retries``). More than
    ``max_restarts`` restarts within ``within_s`` means something is systematically wrong:
-   the supervisor stops everything and exits with ``EXIT_RESTART_INTENSITY``.
+   the supervisor stops everything and exits with ``EXIT_RESTART_INTENSITY``. The policy
+   is read at each exit, so ``set_policy`` (a SIGHUP reload) applies to the next one.
 3. *Clients.* Every ``TICK_S`` the supervisor frees the control-block slots of dead clients
    and removes their instances' segments; workers drop the queued tasks of freed slots.
 4. *Stop.* SIGTERM or SIGINT: state ``DRAINING`` (clients refuse new tasks), then
@@ -77,6 +78,7 @@ from . import plugins, proc
 from .agentd import RUNTIME_JOURNAL, SPECS_TABLE, decode_spec
 from .control import KernelState
 from .journal import Journal, JournalError
+from .logs import log_event, share_logging
 from .messages import SpawnAgent, StopWorker, WorkerLost, encode
 from .registry import Registry
 from .scheduler import steal_bell, worker_ring
@@ -150,11 +152,13 @@ class Supervisor:
         self._plugins = plugin_host  # this process's; each worker builds its own from it
         self._specs_journal: Journal | None = None
         self._notifier = notifier
-        self._on_reload = on_reload  # SIGHUP (install_signal_wakeup routes it here)
+        # SIGHUP (install_signal_wakeup routes it here). It owns the RELOADING=1 ... READY=1
+        # framing; if it raises, _on_wake still sends READY=1 so systemd is not left waiting.
+        self._on_reload = on_reload
         self._instance = instance
         self._control = control
         self._arena = arena
-        self._policy = policy or RestartPolicy()
+        self._policy = policy or RestartPolicy()  # replaced whole by set_policy
         self._pin = pin
         # Lanes: every client, the supervisor, and every worker twice (stolen tasks and
         # hints; a replacement claims a lane before its predecessor's is reaped).
@@ -174,6 +178,7 @@ class Supervisor:
         start = proc.process_start(pid)
         self._control.set_supervisor(pid, start)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        share_logging()  # before the first fork: a reload's log level reaches the workers
         for child in self._children:
             self._spawn(child)
         self._control.set_state(KernelState.RUNNING)
@@ -224,7 +229,7 @@ class Supervisor:
             if host is not None:
                 host.close()
         except BaseException:
-            log.exception("[PID %d] worker w%02d crashed", os.getpid(), index)
+            log_event(log, logging.ERROR, "worker_crashed", id=f"w{index:02d}", exc_info=True)
         finally:
             os._exit(code)
 
@@ -274,17 +279,25 @@ class Supervisor:
         """The write end of the wake pipe (for ``signal.set_wakeup_fd``)."""
         return self._wake_w
 
+    def set_policy(self, policy: RestartPolicy) -> None:
+        """Apply a new restart policy (a SIGHUP reload): the next worker exit is judged by
+        it, against the restarts already counted in the window, and a later stop drains
+        with its ``shutdown_timeout_s``. Main thread only."""
+        self._policy = policy
+
     def _on_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             data = os.read(self._wake_r, 64)
             if any(sig in (signal.SIGTERM, signal.SIGINT) for sig in data):
-                log.info("[PID %d] supervisor: stop requested", os.getpid())
+                log_event(log, logging.INFO, "stop_requested")
                 self._stopping = True
             elif signal.SIGHUP in data and self._on_reload is not None:
                 try:
                     self._on_reload()
-                except Exception:  # a bad reload keeps the running configuration
-                    log.exception("[PID %d] reload failed; configuration unchanged", os.getpid())
+                except Exception as exc:  # a bad reload keeps the running configuration
+                    log_event(log, logging.ERROR, "reload_failed", error=repr(exc), exc_info=True)
+                    if self._notifier is not None:  # never leave systemd in "reloading"
+                        self._notifier.ready(status=f"reload failed: {exc}")
 
     # ---- Restart: a worker has exited (protocol step 2) ----
 
@@ -300,12 +313,15 @@ class Supervisor:
         while self._restarts and now - self._restarts[0] > self._policy.within_s:
             self._restarts.popleft()
         restarts = f"{len(self._restarts)}/{self._policy.max_restarts}"
-        log.warning(
-            "[PID %d] child_exited id=w%02d pid=%d reason=%s restarts=%s",
-            os.getpid(), child.index, child.pid, _reason(code), restarts,
+        log_event(
+            log, logging.WARNING, "child_exited", id=f"w{child.index:02d}", pid=child.pid,
+            reason=_reason(code), restarts=restarts, within_s=self._policy.within_s,
         )  # fmt: skip
         if len(self._restarts) > self._policy.max_restarts:
-            log.error("[PID %d] restart intensity exceeded: stopping", os.getpid())
+            log_event(
+                log, logging.ERROR, "restart_intensity_exceeded", restarts=restarts,
+                within_s=self._policy.within_s, action="stopping",
+            )  # fmt: skip
             self.exit_code = EXIT_RESTART_INTENSITY
             self._stopping = True
             return
@@ -347,9 +363,9 @@ class Supervisor:
                     restarted += 1
                 except IPCError:
                     registry.release(name, worker=target.index)
-            log.warning(
-                "[PID %d] agents_restarted from=w%02d count=%d lost=%d",
-                os.getpid(), index, restarted, len(names) - restarted,
+            log_event(
+                log, logging.WARNING, "agents_restarted", id=f"w{index:02d}",
+                count=restarted, lost=len(names) - restarted,
             )  # fmt: skip
         finally:
             registry.close()
@@ -363,7 +379,10 @@ class Supervisor:
                     os.path.join(self._data_dir, RUNTIME_JOURNAL), sync=False
                 )
             except JournalError:
-                log.exception("[PID %d] cannot open the agents' spawn specs", os.getpid())
+                log_event(
+                    log, logging.ERROR, "agent_specs_unavailable", dir=self._data_dir,
+                    exc_info=True,
+                )  # fmt: skip
                 return None
         return self._specs_journal.table(SPECS_TABLE)
 
@@ -420,9 +439,9 @@ class Supervisor:
             if proc.process_alive(row.pid, row.start):
                 continue
             if self._control.unregister(row.slot, row.generation):
-                log.warning(
-                    "[PID %d] client_exited slot=%d pid=%d reason=died",
-                    os.getpid(), row.slot, row.pid,
+                log_event(
+                    log, logging.WARNING, "client_exited", slot=row.slot, pid=row.pid,
+                    reason="died",
                 )  # fmt: skip
                 self._drop_client_writer(row.slot)
                 if row.instance_id != self._instance.id:
@@ -444,7 +463,10 @@ class Supervisor:
         for child in live:
             left = max(0.0, deadline - time.monotonic())
             if not select.select([child.pidfd], [], [], left)[0]:
-                log.warning("[PID %d] w%02d ignored stop: SIGKILL", os.getpid(), child.index)
+                log_event(
+                    log, logging.WARNING, "stop_ignored", id=f"w{child.index:02d}",
+                    pid=child.pid, timeout_s=self._policy.shutdown_timeout_s, action="SIGKILL",
+                )  # fmt: skip
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)
             os.waitpid(child.pid, 0)
@@ -519,6 +541,6 @@ def fork_supervisor(
         if host is not None:
             host.close()
     except BaseException:
-        log.exception("[PID %d] supervisor crashed", os.getpid())
+        log_event(log, logging.ERROR, "supervisor_crashed", exc_info=True)
     finally:
         os._exit(code)

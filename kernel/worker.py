@@ -68,6 +68,7 @@ from ipc import (
 
 from .agentd import AgentFrame, AgentService
 from .errors import TaskTimeout
+from .logs import log_event
 from .messages import (
     AgentCall,
     AgentReply,
@@ -327,9 +328,11 @@ class Worker:
                     self._draining = True
                     self._stop_now |= not msg.drain
                 elif isinstance(msg, CodecError):
-                    self._log.error("[PID %d] dropped a bad frame: %s", os.getpid(), msg)
+                    log_event(self._log, logging.ERROR, "bad_frame_dropped", error=str(msg))
                 else:
-                    self._log.error("[PID %d] unexpected message %r", os.getpid(), msg)
+                    log_event(
+                        self._log, logging.ERROR, "unexpected_message", kind=type(msg).__name__
+                    )
             depth = len(self._heap)
             self._control.set_queued(self.index, depth)
         for msg in submitted:  # outside the heap lock: listeners may take their time
@@ -356,7 +359,7 @@ class Worker:
         try:
             self._bell = self._instance.open_semaphore(steal_bell(self.index, self.generation))
         except (SegmentError, PermissionError):
-            self._log.warning("[PID %d] no steal bell: not giving work away", os.getpid())
+            log_event(self._log, logging.WARNING, "no_steal_bell")
             return
         self._responder = threading.Thread(
             target=self._respond_loop, name="astra-steal", daemon=True
@@ -380,7 +383,13 @@ class Worker:
                     try:
                         self._give(thief, seq)
                     except Exception:  # a bug here must not stop the worker
-                        self._log.exception("[PID %d] steal for w%02d failed", os.getpid(), thief)
+                        log_event(
+                            self._log,
+                            logging.ERROR,
+                            "steal_failed",
+                            thief=f"w{thief:02d}",
+                            exc_info=True,
+                        )
 
     def _give(self, thief: int, seq: int) -> None:
         """Forward the first half of our queue to ``thief`` (protocol step 3)."""
@@ -808,7 +817,7 @@ class Worker:
         except RingClosedError:  # the client closed or died: its results have no reader
             self._drop_link(client)
         except FrameTooLargeError:  # pragma: no cover - _done bounds every reply
-            self._log.exception("[PID %d] reply too large for c%d", os.getpid(), client)
+            log_event(self._log, logging.ERROR, "reply_too_large", client=client, exc_info=True)
 
     def _link(self, client: int, generation: int) -> _Link | None:
         with self._links_lock:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import pickle
 import tomllib
 
 import pytest
 
-from kernel.config import Config, ConfigError, config_keys, format_config, load_config
+from kernel.config import (
+    RELOADABLE,
+    Config,
+    ConfigError,
+    apply_reload,
+    config_keys,
+    format_config,
+    load_config,
+)
 
 
 def _write(tmp_path, text: str) -> str:
@@ -81,6 +90,11 @@ def test_bad_file_values_name_the_key_and_the_file(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         load_config(path, environ={})
     assert path in str(err.value)
+    # The key, for a reload's log line: None only when the file itself is bad.
+    key = None if "TOML" in needle else needle.split("'")[1]
+    assert err.value.key == key
+    again = pickle.loads(pickle.dumps(err.value))
+    assert (str(again), again.key) == (str(err.value), key)
 
 
 @pytest.mark.parametrize(
@@ -119,3 +133,19 @@ def test_formatted_config_reads_back_identically(tmp_path):
     assert set(tomllib.loads(text)) == set(config_keys())
     again, _ = load_config(_write(tmp_path, text), environ={})
     assert again == cfg
+
+
+def test_reload_applies_only_reloadable_keys_and_names_the_rest():
+    running = Config(workers=2, max_restarts=10)
+    new = Config(workers=4, max_restarts=0, log_level="debug", name="other")
+    applied, live, later = apply_reload(running, new)
+    assert live == ["max_restarts", "log_level"]  # declaration order
+    assert later == ["name", "workers"]
+    assert set(live) <= RELOADABLE
+    assert applied == Config(workers=2, max_restarts=0, log_level="debug")  # the rest kept
+    # The next reload compares against what now runs: the same file changes nothing live.
+    assert apply_reload(applied, new)[1:] == ([], ["name", "workers"])
+
+
+def test_every_reloadable_key_is_a_config_key():
+    assert set(config_keys()) >= RELOADABLE

@@ -141,6 +141,8 @@ DEFAULT_SLOT_BYTES: Final = int(os.getenv("ASTRA_RING_SLOT_BYTES", str(64 * 1024
 DEFAULT_MAX_FRAME_BYTES: Final = int(os.getenv("ASTRA_RING_MAX_FRAME_BYTES", str(64 << 20)))
 #: Longest a blocked send/recv sleeps before re-checking that its peer lives.
 LIVENESS_INTERVAL_S: Final = float(os.getenv("ASTRA_RING_LIVENESS_INTERVAL_S", "0.2"))
+#: At most this often, a reader polling an empty ring looks for dead writers (in /proc).
+REAP_INTERVAL_S: Final = 0.02
 #: Microseconds a waiter spins (polling the semaphore's value) before blocking in the kernel:
 #: a number fixes it (0: never spin); None ("auto" in the environment) adapts it per handle
 #: (see ``_Spinner``). Spinning pays only when both ends have a core of their own.
@@ -813,6 +815,7 @@ class RingReader:
         self._torn = 0
         self._buf = ring.segment.buf
         self._lead_spinner = _Spinner(spin_us)  # spin_readable's: one leading thread
+        self._reaped_at = 0.0  # when _check_readable last reaped writers
 
     @classmethod
     def attach(
@@ -1052,21 +1055,30 @@ class RingReader:
     # -- liveness and reaping (protocol step 5) --
 
     def _check_readable(self) -> None:
-        """Between wait slices: reap dead or retired writers; raise once closed and drained."""
+        """Between wait slices: reap dead or retired writers; raise once closed and drained.
+        The reap (the claim lock, and /proc for each claimed lane's owner: tens of
+        microseconds on a ring with many lanes) runs at most every ``REAP_INTERVAL_S``: a
+        reader that polls an empty ring in a loop must not pay it on each poll. Retired
+        lanes (a writer that closed) are reaped at every call: that is a word read each."""
         ring = self._ring
         if not self._pending:
-            self._reap()
+            now = time.monotonic()
+            due = now - self._reaped_at >= REAP_INTERVAL_S
+            if due:
+                self._reaped_at = now
+            self._reap(check_alive=due or ring.closed)
         if ring.closed and not self._pending and ring.depth() == 0:
             raise RingClosedError(f"ring {ring.name} is closed")
 
-    def _reap(self) -> None:
+    def _reap(self, *, check_alive: bool = True) -> None:
+        """Free the lanes of retired writers and (``check_alive``) of dead ones."""
         ring = self._ring
         with ring.claim_lock.held():  # lane words are written under it; read them likewise
             ended = [
                 lane
                 for lane in range(ring.lanes)
                 if (state := ring.lane_word(lane, _L_STATE)) == LaneState.RETIRED
-                or (state == LaneState.CLAIMED and not ring.lane_owner_alive(lane))
+                or (check_alive and state == LaneState.CLAIMED and not ring.lane_owner_alive(lane))
             ]
         for lane in ended:
             # The owner retired or died: nothing more will be posted to this lane.

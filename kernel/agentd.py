@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -86,6 +87,8 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 _Args = tuple[tuple[object, ...], dict[str, object]]
+#: Messages for a full mailbox: (message, its frame, deadline on the loop's clock, timeout).
+_Overflow = collections.deque[tuple["Message", "AgentCall", float, float]]
 AgentFrame = SpawnAgent | AgentCall | AgentReply | StopAgent | ListAgents
 
 #: How long a tell waits for room in a full mailbox before it is dropped (and logged).
@@ -164,6 +167,7 @@ class AgentService:
         # Replies to clients held back while the main thread runs a batch on the borrowed
         # loop, to go one ring write per client: (slot, generation) -> frames.
         self._held: dict[tuple[int, int], list[bytes]] | None = None
+        self._overflow: dict[str, _Overflow] = {}  # agent -> messages waiting for room
         self._counted = (0, 0)  # (handled_total, restarts_total) already in the metrics row
         self.index = worker.index
         self._registry: Registry | None = None
@@ -341,26 +345,49 @@ class AgentService:
             return
         reply_to = ReplyTo(msg.reply_to, msg.call_id) if msg.ask else None
         message = Message(msg.sender, msg.method, args, kwargs, reply_to, msg.msg_id)
-        try:
-            if host.post(agent_id, message):
+        waiting = self._overflow.get(agent_id)
+        if waiting is None:
+            try:
+                if host.post(agent_id, message):
+                    return
+            except AgentError as exc:
+                self._refuse(msg, exc)
                 return
-        except AgentError as exc:
-            self._refuse(msg, exc)
-            return
+            waiting = self._overflow[agent_id] = collections.deque()
+            self._loop.create_task(self._wait_for_room(agent_id, waiting))
         wait = msg.timeout_s or (ASK_WAIT_S if msg.ask else TELL_WAIT_S)
-        self._loop.create_task(self._wait_for_room(agent_id, message, msg, wait))
+        waiting.append((message, msg, self._loop.time() + wait, wait))
 
-    async def _wait_for_room(
-        self, agent_id: str, message: Message, msg: AgentCall, wait_s: float
-    ) -> None:
+    async def _wait_for_room(self, agent_id: str, waiting: _Overflow) -> None:
+        """Backpressure: the messages for ``agent_id``'s full mailbox, in arrival order, each
+        until its deadline. One task per full mailbox, not one per message (20,000 asks
+        in flight to one agent made 19,000 tasks and timers)."""
+        host = self.host
         try:
-            await asyncio.wait_for(self.host.put(agent_id, message), wait_s)
-        except TimeoutError:
-            self._refuse(
-                msg, MailboxFullError(f"the mailbox of {agent_id!r} stayed full for {wait_s} s")
-            )
-        except AgentError as exc:
-            self._refuse(msg, exc)
+            while waiting:
+                message, msg, deadline, wait_s = waiting[0]
+                try:
+                    if not host.post(agent_id, message):
+                        left = deadline - self._loop.time()
+                        if left <= 0:
+                            raise TimeoutError
+                        async with asyncio.timeout(left):
+                            await host.put(agent_id, message)
+                except TimeoutError:
+                    full = MailboxFullError(
+                        f"the mailbox of {agent_id!r} stayed full for {wait_s} s"
+                    )
+                    self._refuse(msg, full)
+                except AgentError as exc:
+                    while waiting:  # the agent left: none of these can be delivered
+                        self._refuse(waiting.popleft()[1], exc)
+                    break
+                waiting.popleft()
+        finally:
+            if self._overflow.get(agent_id) is waiting:
+                del self._overflow[agent_id]
+            while waiting:  # cancelled at shutdown
+                self._refuse(waiting.popleft()[1], AgentError("the worker is stopping"))
 
     def _view(self, ref: ArrayRef) -> object:
         """An array argument in the arena: a read-only view that holds this worker's hold

@@ -85,6 +85,23 @@ def test_unknown_agents_and_methods_get_typed_errors(kernel):
 
 
 @pytest.mark.slow
+def test_messages_held_back_by_a_full_mailbox_keep_their_order(kernel):
+    """Far more asks and tells in flight than the mailbox holds: every one is handled, in
+    the order sent (they wait in the worker, first come first served)."""
+    c = kernel.spawn(Counter, mailbox=4)
+    futures = []
+    for i in range(1, 301):
+        if i % 3:
+            futures.append(c.ask("add", 1))
+        else:
+            c.tell("add", 1)
+    values = [f.result(timeout=30) for f in futures]
+    assert values == sorted(values)
+    assert len(set(values)) == len(values)
+    assert c.ask("value").result(timeout=30) == 300
+    assert c.ask("history").result(timeout=30) == [1] * 300
+
+
 def test_a_full_mailbox_is_backpressure_then_mailbox_full_error(kernel):
     slow = kernel.spawn(Slow, mailbox=2)
     busy = slow.ask("block", 0.6)

@@ -146,3 +146,13 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest -n auto" in out
     assert out in README
     assert "README.md" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_performance_table_is_the_saved_runs() -> None:
+    """README's table is perf.summary's rendering of perf/results/2cpu-vm.jsonl, verbatim."""
+    from perf.summary import _parse, render
+
+    with open(os.path.join(ROOT, "perf", "results", "2cpu-vm.jsonl"), encoding="utf-8") as f:
+        table = render(_parse(f))
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert table in f.read()

@@ -16,10 +16,12 @@ worker frees it when the agent stops for good, the supervisor frees the names of
 worker. Who waits for an answer is an *origin code*: a worker's index (>= 0), or
 ``client_origin(slot, generation)`` (< 0) for a client.
 
-Backpressure. A message for a full mailbox waits in the worker (``AgentHost.put``, first
-come first served, so per-sender order holds) for the ask's ``timeout_s`` (a tell:
+Backpressure. A message for a full mailbox waits in the worker, in one FIFO per agent
+(first come first served, so per-sender order holds), for the ask's ``timeout_s`` (a tell:
 ``TELL_WAIT_S``), then an ask fails with ``MailboxFullError``; a tell that still finds no
-room is dropped and logged (``tell_dropped``), as its sender asked for no answer.
+room is dropped and logged (``tell_dropped``), as its sender asked for no answer. Only the
+FIFO's head waits on a timer: a message whose deadline passes behind it fails when it
+reaches the head, so its failure may come later than its timeout, never its delivery.
 
 Failure. An agent's handler error fails that ask and restarts the agent per its policy
 (kernel/actors.py). Each live agent's spawn spec is kept in the runtime journal

@@ -408,6 +408,8 @@ def _plugins(args: argparse.Namespace) -> int:
             f"{r.name[:15]:<16}{r.state:<10}{len(r.services):>9}{len(r.tools):>6}"
             f"{len(r.events):>7}  {r.source} ({r.spec})"
         )
+        if r.supervisor_services:
+            print(f"    in the supervisor: {', '.join(r.supervisor_services)}")
         if r.error:
             print(f"    error: {r.error}")
         for failure in r.failures:

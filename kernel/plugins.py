@@ -43,16 +43,39 @@ Protocols:
 4. *Services.* A client's call is a task, ``call_service(name, args, kwargs)``, run by a
    worker like any other (``retries=0``: a service may not be idempotent); an agent's runs
    in its own worker on an executor thread. What a service raises is its caller's error.
+   A service registered with ``where="worker"`` (the default) runs right there, in the
+   caller's worker; one registered with ``where="supervisor"`` runs in the supervisor's
+   instance only (protocol 6), so it is one per kernel (a counter, a rate limiter).
 5. *Failure.* A plugin that raises in ``setup`` or in a listener is disabled in that
    process (its services, tools, listeners and agent API are removed, ``close()`` is
    called) and reported: a ``plugin_failed`` log line and a row in the ``failures`` table
    (``astra plugins`` shows it). The process carries on; a plugin never takes a worker or
    astrad down with it. Exceptions raised by services and agent APIs go to their callers.
 
+6. *Supervisor services.* Before it forks worker ``wNN`` (and again for each replacement)
+   the supervisor makes a ``SOCK_SEQPACKET`` socketpair: it polls its end in the loop that
+   polls the pidfds, the worker keeps the other (``SupervisorLink``, on its host). A worker
+   call of a supervisor service sends one record, ``id | pickle((name, args, kwargs))``, and
+   blocks for the reply ``id | pickle((ok, result or packed exception))``, one call at a
+   time per worker (a lock) and at most ``SERVICE_TIMEOUT_S``; a reply whose id is not the
+   awaited one answers a call that timed out and is skipped. The supervisor answers on its
+   loop thread, one call at a time in arrival order: a supervisor service needs no lock of
+   its own, but it must be short (while it runs, no exit is reaped and no other call
+   answered). It never blocks on a reply (``MSG_DONTWAIT``: a worker that stopped reading
+   loses it). A dead worker's end closes with it; the supervisor closes its own when it
+   reaps the worker. A record is at most the socket's send buffer (about 200 KiB).
+
+       worker wNN                                    astrad (supervisor loop)
+       caller --lock--> SupervisorLink ==request==> PluginHost.serve --> service fn
+                        (blocks)       <==reply===  (one call at a time)
+
 Open questions:
 
-- XX: services run where the caller is (any worker); ``where="supervisor"`` (a singleton in
-  astrad) needs a ring into the supervisor, which has none yet.
+- XX: a supervisor service runs on the supervisor's loop thread: one that blocks stalls
+  supervision (restarts, watchdog pings, every other worker's calls). A thread pool would
+  lift that, at the price of the singleton's serial semantics and a reply written from
+  another thread to a socket the loop may close when its worker dies.
+- XX: a worker's calls of supervisor services wait for each other (one link, one lock).
 - XX: a listener that blocks or loops forever stalls its thread; there is no watchdog.
 - XX: a plugin disabled in one worker stays enabled in the others (they did not fail).
 """
@@ -63,6 +86,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "EVENTS",
     "JOURNAL",
+    "SERVICE_TIMEOUT_S",
     "AgentInfo",
     "Candidate",
     "Event",
@@ -73,6 +97,7 @@ __all__ = [
     "PluginHost",
     "PluginInfo",
     "ServiceNotFoundError",
+    "SupervisorLink",
     "activate",
     "call_service",
     "current",
@@ -84,14 +109,18 @@ __all__ = [
 
 import contextlib
 import dataclasses
+import errno
 import importlib
+import itertools
 import logging
 import os
 import re
+import socket
+import struct
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, ClassVar, Final, Literal
+from typing import TYPE_CHECKING, ClassVar, Final, Literal, cast
 
 import msgspec
 
@@ -107,6 +136,8 @@ if TYPE_CHECKING:
 
     #: A service: any callable; its arguments are whatever its callers pass.
     ServiceFn = Callable[..., object]  # type: ignore[explicit-any]
+    #: A call of a supervisor service on a link: (full name, args, kwargs).
+    _Request = tuple[str, tuple[object, ...], dict[str, object]]
 
 #: The lifecycle events a listener may subscribe to (``ctx.on(kind, fn)``), in the order of
 #: ``EventFlags``' slots.
@@ -129,6 +160,11 @@ FILES_DIR: Final = "plugins.d"
 _STATUS_TABLE: Final = "status"  # plugin name -> PluginInfo (written by the supervisor)
 _FAILURES_TABLE: Final = "failures"  # name \0 where \0 ns -> "stage: error" (any process)
 _NAME: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # plugin, service and tool names
+
+#: How long a worker waits for the supervisor to answer one call of a supervisor service.
+SERVICE_TIMEOUT_S: Final = float(os.getenv("ASTRA_SERVICE_TIMEOUT_S", "30"))
+_LINK_ID: Final = struct.Struct("<Q")  # the call id that heads every record on a link
+_LINK_RECV_BYTES: Final = 1 << 20  # > any send buffer: a record this long was truncated
 
 Role = Literal["supervisor", "worker"]
 
@@ -251,6 +287,7 @@ class PluginContext:
         self.data_dir = host.data_dir  #: the kernel's data directory
         self.log = logging.getLogger(f"astra.plugins.{name}")  #: the plugin's logger
         self._services: dict[str, ServiceFn] = {}
+        self._where: dict[str, Role] = {}  # service -> where it runs (protocol 6)
         self._tools: dict[str, ToolSpec] = {}
         self._listeners: list[tuple[str, Callable[[Event], object]]] = []
         self._agent_api: Callable[[AgentInfo], object] | None = None
@@ -260,13 +297,20 @@ class PluginContext:
         if self._live:
             self._host._changed()
 
-    def service(self, name: str, fn: ServiceFn) -> str:
+    def service(self, name: str, fn: ServiceFn, *, where: Role = "worker") -> str:
         """Offer ``fn`` as the service ``<plugin>.<name>``; returns that full name. Clients
         call it with ``k.call_service(full_name, *args, **kwargs)`` (a task on a worker),
         agents with ``await self.service(full_name, ...)``; arguments and the result are
-        pickled. Raises ``PluginError`` for a bad or taken name."""
+        pickled. ``where="worker"`` runs it in the caller's worker (this instance of the
+        plugin, in every worker); ``where="supervisor"`` runs every call, from anywhere, in
+        the supervisor's instance, one at a time on its loop thread (protocol 6): register
+        it in every process alike (the workers' ``fn`` is never called) and keep it short.
+        Raises ``PluginError`` for a bad or taken name, or a bad ``where``."""
+        if where not in ("worker", "supervisor"):
+            raise PluginError(f"bad where {where!r}: 'worker' or 'supervisor'")
         full = self._full(name, self._services)
         self._services[name] = fn
+        self._where[name] = where
         self._registered()
         return full
 
@@ -445,6 +489,7 @@ class PluginInfo(msgspec.Struct, frozen=True, kw_only=True):
     state: str  #: "enabled", or "disabled" (it failed to load; see ``error``)
     error: str = ""  #: why it is disabled
     services: tuple[str, ...] = ()  #: full names
+    supervisor_services: tuple[str, ...] = ()  #: those of ``services`` run in the supervisor
     tools: tuple[str, ...] = ()  #: full names
     events: tuple[str, ...] = ()  #: the kinds it listens to
     failures: tuple[str, ...] = ()  #: "w01: hook task_started: ValueError: ..." per failure
@@ -486,16 +531,20 @@ class PluginHost:
     (``load``) and, in each worker right after its fork, by ``for_worker``; made this
     process's with ``activate``. Thread-safe: events come from several threads."""
 
-    def __init__(self, role: Role, worker: int, data_dir: str) -> None:
+    def __init__(
+        self, role: Role, worker: int, data_dir: str, link: SupervisorLink | None = None
+    ) -> None:
         self.role: Role = role
         self.worker = worker
         self.data_dir = data_dir
+        self._link = link  # a worker's way to the supervisor's services (protocol 6)
         self._lock = threading.Lock()  # guards the maps below and the journal handle
         self._candidates: list[Candidate] = []
         self._loaded: dict[str, _Loaded] = {}  # enabled plugins, in load order
         self._errors: dict[str, str] = {}  # plugins disabled here -> why
         # Snapshots replaced whole under the lock, read without it (the hot paths):
         self._services: dict[str, ServiceFn] = {}  # full name -> fn
+        self._in_supervisor: frozenset[str] = frozenset()  # full names, where="supervisor"
         self._tools: dict[str, ToolSpec] = {}  # full name -> spec
         self._agent_apis: dict[str, Callable[[AgentInfo], object]] = {}  # plugin -> factory
         self._listeners: dict[str, tuple[tuple[str, Callable[[Event], object]], ...]] = {}
@@ -512,10 +561,12 @@ class PluginHost:
         host._write_status()
         return host
 
-    def for_worker(self, index: int) -> PluginHost:
+    def for_worker(self, index: int, link: SupervisorLink | None = None) -> PluginHost:
         """A fresh host for worker ``index`` (call it in the worker, after the fork): new
-        instances of the plugins that loaded here."""
-        host = PluginHost("worker", index, self.data_dir)
+        instances of the plugins that loaded here. ``link``: its end of the supervisor's
+        socketpair, which it then owns (closed by ``close``); without one, a supervisor
+        service cannot be called from this worker."""
+        host = PluginHost("worker", index, self.data_dir, link)
         host._errors = {name: f"in the supervisor: {why}" for name, why in self._errors.items()}
         host._start([c for c in self._candidates if c.name in self._loaded])
         return host
@@ -551,18 +602,21 @@ class PluginHost:
     def _rebuild(self) -> None:
         """Recompute the snapshots and this process's event flags. Lock held."""
         services: dict[str, ServiceFn] = {}
+        in_supervisor: set[str] = set()
         tools: dict[str, ToolSpec] = {}
         apis: dict[str, Callable[[AgentInfo], object]] = {}
         listeners: dict[str, list[tuple[str, Callable[[Event], object]]]] = {}
         for name, loaded in self._loaded.items():
             ctx = loaded.ctx
             services.update({f"{name}.{op}": fn for op, fn in ctx._services.items()})
+            in_supervisor.update(f"{name}.{op}" for op in _supervisor_ops(ctx))
             tools.update({spec.name: spec for spec in ctx._tools.values()})
             if ctx._agent_api is not None:
                 apis[name] = ctx._agent_api
             for kind, fn in ctx._listeners:
                 listeners.setdefault(kind, []).append((name, fn))
         self._services, self._tools, self._agent_apis = services, tools, apis
+        self._in_supervisor = frozenset(in_supervisor)
         self._listeners = {kind: tuple(fns) for kind, fns in listeners.items()}
         if _current is self:
             _set_flags(self._listeners)
@@ -579,9 +633,21 @@ class PluginHost:
         return None if loaded is None else loaded.plugin
 
     def call(self, name: str, args: tuple[object, ...], kwargs: Mapping[str, object]) -> object:
-        """Run service ``name`` here (protocol 4). Raises ``ServiceNotFoundError``, or what
-        the service raised."""
+        """Run service ``name`` (protocol 4): here, or in the supervisor if it runs there
+        (protocol 6). A name no plugin of this worker offers is asked of the supervisor too
+        (a plugin may register a supervisor service in the supervisor only), unless its
+        plugin is disabled here. Raises ``ServiceNotFoundError``, ``PluginError`` (the
+        supervisor cannot be reached), or what the service raised."""
         fn = self._services.get(name)
+        if self.role == "worker" and (
+            name in self._in_supervisor
+            or (
+                fn is None and self._link is not None and name.partition(".")[0] not in self._errors
+            )
+        ):
+            if self._link is None:
+                raise PluginError(f"{name} runs in the supervisor; this worker has no link to it")
+            return self._link.call(name, args, kwargs)
         if fn is None:
             raise ServiceNotFoundError(self._missing("service", name))
         return fn(*args, **kwargs)
@@ -613,6 +679,43 @@ class PluginHost:
                 fn(event)
             except (Exception, SystemExit) as exc:
                 self.disable(name, f"hook {event.kind}", exc)
+
+    # ---- Supervisor services: the supervisor's side (protocol 6) ----
+
+    def serve(self, sock: socket.socket) -> bool:
+        """Answer the call waiting on ``sock``, the supervisor's end of a worker's link
+        (the supervisor's loop calls it when ``sock`` is readable): run the service here,
+        reply without blocking. Returns False once the worker's end is closed (nothing
+        more will come), else True. Never raises for what a service or a worker does."""
+        try:
+            data, _, flags, _ = sock.recvmsg(_LINK_RECV_BYTES, 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True  # a stale wake-up: nothing waiting
+        except OSError:
+            return False
+        if not data:
+            return False  # EOF: the worker died
+        if len(data) < _LINK_ID.size:
+            log_event(_log, logging.ERROR, "service_request_malformed", bytes=len(data))
+            return True
+        (call_id,) = _LINK_ID.unpack_from(data)
+        try:
+            if flags & socket.MSG_TRUNC:
+                raise PluginError(f"request over {_LINK_RECV_BYTES} bytes")
+            request = shipping.loads(memoryview(data)[_LINK_ID.size :])
+            name, args, kwargs = cast("_Request", request)  # what SupervisorLink sent
+            result = self._serve_one(name, args, kwargs)
+            reply = _LINK_ID.pack(call_id) + shipping.dumps((True, result))
+        except (Exception, SystemExit) as exc:
+            reply = _LINK_ID.pack(call_id) + shipping.dumps((False, shipping.pack_exception(exc)))
+        _reply(sock, call_id, reply)
+        return True
+
+    def _serve_one(self, name: str, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
+        fn = self._services.get(name)
+        if fn is None or name not in self._in_supervisor:
+            raise ServiceNotFoundError(self._missing("service", name))
+        return fn(*args, **kwargs)
 
     # ---- Failure (protocol 5) ----
 
@@ -658,6 +761,8 @@ class PluginHost:
                 name=cand.name, spec=cand.spec, source=cand.source, state=state,
                 error="" if loaded is not None else self._errors.get(cand.name, cand.error),
                 services=tuple(f"{cand.name}.{s}" for s in ctx._services) if ctx else (),
+                supervisor_services=tuple(
+                    f"{cand.name}.{s}" for s in _supervisor_ops(ctx)) if ctx else (),
                 tools=tuple(t.name for t in ctx._tools.values()) if ctx else (),
                 events=tuple(dict.fromkeys(k for k, _ in ctx._listeners)) if ctx else (),
             ))  # fmt: skip
@@ -684,6 +789,8 @@ class PluginHost:
             self._rebuild()
         for one in reversed(loaded):
             self._close_one(one)
+        if self._link is not None:
+            self._link.close()
         with self._lock:
             journal, self._journal = self._journal, None
         if journal is not None and self._pid == os.getpid():
@@ -697,6 +804,94 @@ class PluginHost:
             log_event(
                 _log, logging.ERROR, "plugin_close_failed", plugin=loaded.cand.name, exc_info=True
             )
+
+
+def _supervisor_ops(ctx: PluginContext) -> list[str]:
+    return [op for op, where in ctx._where.items() if where == "supervisor"]
+
+
+def _reply(sock: socket.socket, call_id: int, reply: bytes) -> None:
+    """Send a reply without blocking the supervisor: a full buffer drops it (its worker
+    times out), an oversized one is replaced by an error the caller gets instead."""
+    try:
+        sock.send(reply, socket.MSG_DONTWAIT)
+    except OSError as exc:
+        if exc.errno != errno.EMSGSIZE:
+            log_event(_log, logging.WARNING, "service_reply_dropped", error=_describe(exc))
+            return
+        too_big = PluginError(f"the reply ({len(reply)} bytes) is over the link's limit")
+        _reply(sock, call_id, _LINK_ID.pack(call_id) + shipping.dumps(
+            (False, shipping.pack_exception(too_big))))  # fmt: skip
+
+
+# ---- Supervisor services: a worker's side (protocol 6) ----
+
+
+class SupervisorLink:
+    """A worker's end of its socketpair with the supervisor: calls supervisor services.
+    Built in the worker right after its fork; owned by its ``PluginHost``. Thread-safe:
+    the main thread (clients' calls) and agents' executor threads take turns (a lock)."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float = SERVICE_TIMEOUT_S) -> None:
+        self._sock = sock  # blocking, with a timeout per wait
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()  # one call in flight; guards _ids and the socket
+        self._ids = itertools.count(1)
+
+    def call(self, name: str, args: tuple[object, ...], kwargs: Mapping[str, object]) -> object:
+        """Run supervisor service ``name`` and return its result; blocks for the reply.
+        Raises ``ServiceNotFoundError``, what the service raised (its supervisor-side
+        traceback as ``__cause__``), ``ShippingError``, or ``PluginError`` (no answer in
+        ``timeout_s``, the supervisor gone, a request too large)."""
+        with self._lock:
+            call_id = next(self._ids)
+            request = _LINK_ID.pack(call_id) + shipping.dumps((name, args, dict(kwargs)))
+            ok, value = self._exchange(name, call_id, request)
+        if ok:
+            return value
+        data, tb, summary = cast("tuple[bytes, str, str]", value)  # pack_exception's
+        exc = shipping.loads(data) if data else PluginError(f"{name} raised {summary}")
+        if not isinstance(exc, BaseException):
+            exc = PluginError(f"{name} raised {summary}")
+        raise exc from _SupervisorTraceback(tb)
+
+    def _exchange(self, name: str, call_id: int, request: bytes) -> tuple[bool, object]:
+        """Send a request, wait for its reply (skipping stale ones). Lock held."""
+        deadline = time.monotonic() + self._timeout_s
+        try:
+            self._sock.settimeout(self._timeout_s)
+            self._sock.send(request)
+            while True:
+                self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                data, _, flags, _ = self._sock.recvmsg(_LINK_RECV_BYTES)
+                if not data:
+                    raise PluginError(f"cannot call {name}: the supervisor is gone")
+                if flags & socket.MSG_TRUNC:
+                    raise PluginError(f"the reply of {name} is over {_LINK_RECV_BYTES} bytes")
+                if _LINK_ID.unpack_from(data)[0] == call_id:
+                    reply = shipping.loads(memoryview(data)[_LINK_ID.size :])
+                    return cast("tuple[bool, object]", reply)
+                # else: the late reply to a call that timed out; skip it
+        except TimeoutError:
+            raise PluginError(
+                f"{name}: no answer from the supervisor in {self._timeout_s} s"
+            ) from None
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                raise PluginError(f"the request to {name} is over the link's limit") from exc
+            raise PluginError(f"cannot call {name}: the supervisor is gone ({exc})") from exc
+
+    def close(self) -> None:
+        """Close this end (the supervisor then sees EOF). Idempotent."""
+        self._sock.close()
+
+
+class _SupervisorTraceback(Exception):
+    """Not raised: the ``__cause__`` of an exception a supervisor service raised, carrying
+    its traceback as formatted there."""
+
+    def __str__(self) -> str:
+        return f"\n{self.args[0]}" if self.args else ""
 
 
 # ---- This process's host ----

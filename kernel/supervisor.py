@@ -13,18 +13,23 @@ The supervisor is always a process of its own whose main thread runs ``Superviso
                                 ^                                      ^
     supervisor --StopWorker-----'      supervisor --WorkerLost---------'
         |  pidfd per worker (poll): exits are seen at once, without SIGCHLD or polling
-        '-- wake fd: signals (set_wakeup_fd) wake the same poll
+        |-- wake fd: signals (set_wakeup_fd) wake the same poll
+        '-- a socketpair per worker (poll): calls of supervisor services (kernel/plugins.py
+            protocol 6), answered on this thread
 
 Protocols:
 
 1. *Start.* Stale instances (dead owners) are removed by whoever creates the instance. For
    each worker the supervisor creates its inbox ring ``to_wNN.<gen>`` (lanes: one per client
    slot plus its own), forks, records pid/generation/core in the control block, and keeps a
-   pidfd. Then the state becomes ``RUNNING`` and the ``ready`` semaphore is posted.
+   pidfd. With plugins, it also makes a socketpair before the fork: its end joins the poll,
+   the worker's end goes to the worker's ``PluginHost``. Then the state becomes
+   ``RUNNING`` and the ``ready`` semaphore is posted.
 2. *Restart (one_for_one).* A pidfd becomes readable: the supervisor reaps the worker, reads
    which (client, task) it was running from the control block (final: the writer is dead),
-   removes the dead ring, forks a replacement reading a *new* ring (a ring whose reader died
-   is closed for good), and sends ``WorkerLost`` to every client, which re-sends that
+   removes the dead ring and closes its end of the dead worker's socketpair, forks a
+   replacement reading a *new* ring (a ring whose reader died is closed for good) with a
+   *new* socketpair, and sends ``WorkerLost`` to every client, which re-sends that
    worker's tasks (the running one counts against its ``retries``). More than
    ``max_restarts`` restarts within ``within_s`` means something is systematically wrong:
    the supervisor stops everything and exits with ``EXIT_RESTART_INTENSITY``. The policy
@@ -33,7 +38,8 @@ Protocols:
    and removes their instances' segments; workers drop the queued tasks of freed slots.
 4. *Stop.* SIGTERM or SIGINT: state ``DRAINING`` (clients refuse new tasks), then
    ``StopWorker(drain=True)`` to each worker in reverse start order; workers finish what is
-   queued and exit. Whoever is still alive after ``shutdown_timeout_s`` gets SIGKILL. A
+   queued and exit (the supervisor answers their service calls meanwhile). Whoever is
+   still alive after ``shutdown_timeout_s`` gets SIGKILL. A
    worker dies with its supervisor (``PR_SET_PDEATHSIG``), so a SIGKILLed supervisor leaves
    no process behind, only segments, which the next start removes.
 """
@@ -56,6 +62,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -129,6 +136,10 @@ class _Child:
     pidfd: int = -1
     core: int | None = None
     writer: RingWriter | None = None  # the supervisor's lane into the worker's inbox
+    # The supervisor's end of this generation's socketpair (plugins' supervisor services);
+    # None without plugins, or once closed (the worker was reaped, or its end hung up).
+    link: socket.socket | None = None
+    polled: bool = False  # link is registered with the loop's poll
 
 
 class Supervisor:
@@ -167,6 +178,10 @@ class Supervisor:
         self._restarts: collections.deque[float] = collections.deque()
         self._client_writers: dict[int, tuple[int, RingWriter]] = {}
         self._wake_r, self._wake_w = -1, -1
+        # The loop's poll (a plain list in the kernel, no fd): the wake fd, each worker's
+        # pidfd (registered by run) and its link (registered by _spawn, dropped at EOF).
+        self._poller = select.poll()
+        self._links: dict[int, _Child] = {}  # fd of a polled link -> its worker slot
         self._stopping = False
         self.exit_code = EXIT_OK
 
@@ -191,11 +206,14 @@ class Supervisor:
         )
         bell = self._instance.create_semaphore(steal_bell(child.index, child.generation), 0)
         bell.close()  # the worker and thieves open it by name; _retire_ring unlinks it
+        theirs = self._open_link(child)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the worker process; it never returns
-            self._worker_main(child.index, child.generation, reader, parent)
+            self._worker_main(child.index, child.generation, reader, parent, theirs)
         reader.close()  # only unmaps: this process never read it
+        if theirs is not None:
+            theirs.close()  # the worker's now: its death is our end's EOF
         child.pid, child.writer = pid, writer
         child.pidfd = os.pidfd_open(pid)
         child.core = None
@@ -205,10 +223,20 @@ class Supervisor:
                 child.core = core
         self._control.set_worker(child.index, pid, child.generation, child.core)
 
-    def _worker_main(self, index: int, generation: int, reader: RingReader, parent: int) -> None:
+    def _worker_main(
+        self,
+        index: int,
+        generation: int,
+        reader: RingReader,
+        parent: int,
+        link: socket.socket | None,
+    ) -> None:
         code = 1
         try:
             private = [self._wake_r, self._wake_w] + [c.pidfd for c in self._children]
+            # Our ends of every link, this worker's included; detached so that no socket
+            # object of this copy of the supervisor closes the number again later.
+            private += [c.link.detach() for c in self._children if c.link is not None]
             proc.after_fork_in_child(
                 f"astra-w{index:02d}",
                 parent_pid=parent,
@@ -219,7 +247,10 @@ class Supervisor:
                 proc.pin(index)
             # The worker's own plugin instances (kernel/plugins.py protocol 2), set up
             # before it serves anything; the supervisor's stay unused in this process.
-            host = self._plugins.for_worker(index) if self._plugins is not None else None
+            host = None
+            if self._plugins is not None:
+                to_sup = plugins.SupervisorLink(link) if link is not None else None
+                host = self._plugins.for_worker(index, to_sup)
             plugins.activate(host)
             worker = Worker(
                 index, self._instance, self._control, reader, self._arena, generation,
@@ -239,7 +270,7 @@ class Supervisor:
         """Supervise until stopped (a signal on the wake fd, or give-up); then stop every
         worker and return the exit code. SIGTERM/SIGINT handlers must write to ``wake_fd``
         (``install_signal_wakeup`` does)."""
-        poller = select.poll()
+        poller = self._poller
         poller.register(self._wake_r, select.POLLIN)
         by_fd: dict[int, _Child] = {}
         for child in self._children:
@@ -255,12 +286,18 @@ class Supervisor:
                 self._notifier.watchdog()
                 next_ping = time.monotonic() + watchdog_s
             events = poller.poll(tick_s * 1000)
+            exited: list[_Child] = []
             for fd, _ in events:
                 if fd == self._wake_r:
                     self._on_wake()
-                    continue
-                child = by_fd.pop(fd)
-                poller.unregister(fd)
+                elif fd in self._links:
+                    self._on_call(self._links[fd])
+                else:
+                    exited.append(by_fd.pop(fd))
+            # Exits last: a reap closes fds, and a new worker's may reuse the number of an
+            # fd this batch still names.
+            for child in exited:
+                poller.unregister(child.pidfd)
                 self._on_exit(child)
                 if child.pidfd >= 0:
                     poller.register(child.pidfd, select.POLLIN)
@@ -299,6 +336,37 @@ class Supervisor:
                     if self._notifier is not None:  # never leave systemd in "reloading"
                         self._notifier.ready(status=f"reload failed: {exc}")
 
+    # ---- Links: supervisor services (kernel/plugins.py protocol 6) ----
+
+    def _open_link(self, child: _Child) -> socket.socket | None:
+        """A new socketpair for ``child``'s next generation (with plugins only): keep and
+        poll our end, return the worker's."""
+        if self._plugins is None:
+            return None
+        assert child.link is None, "the last generation's link is closed at its reap"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        child.link = ours
+        self._poller.register(ours.fileno(), select.POLLIN)
+        self._links[ours.fileno()] = child
+        return theirs
+
+    def _on_call(self, child: _Child) -> None:
+        """``child``'s link is readable: answer its call, or stop polling it at EOF."""
+        assert child.link is not None
+        assert self._plugins is not None
+        if not self._plugins.serve(child.link):
+            self._unwatch_link(child)  # its worker died; closed when it is reaped
+
+    def _unwatch_link(self, child: _Child) -> None:
+        if child.link is not None and self._links.pop(child.link.fileno(), None) is not None:
+            self._poller.unregister(child.link.fileno())
+
+    def _close_link(self, child: _Child) -> None:
+        if child.link is not None:
+            self._unwatch_link(child)
+            child.link.close()
+            child.link = None
+
     # ---- Restart: a worker has exited (protocol step 2) ----
 
     def _on_exit(self, child: _Child) -> None:
@@ -306,6 +374,7 @@ class Supervisor:
         code = os.waitstatus_to_exitcode(status)
         os.close(child.pidfd)
         child.pidfd = -1
+        self._close_link(child)
         running_client, running_task = self._control.running(child.index)
         self._retire_ring(child)
         now = time.monotonic()
@@ -461,8 +530,7 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)
         for child in live:
-            left = max(0.0, deadline - time.monotonic())
-            if not select.select([child.pidfd], [], [], left)[0]:
+            if not self._wait_exit(child, deadline):
                 log_event(
                     log, logging.WARNING, "stop_ignored", id=f"w{child.index:02d}",
                     pid=child.pid, timeout_s=self._policy.shutdown_timeout_s, action="SIGKILL",
@@ -472,12 +540,30 @@ class Supervisor:
             os.waitpid(child.pid, 0)
             os.close(child.pidfd)
             child.pidfd = -1
+            self._close_link(child)
             self._retire_ring(child)
         for slot in list(self._client_writers):
             self._drop_client_writer(slot)
+        for child in self._children:  # those whose last restart was refused
+            self._close_link(child)
         self._control.set_state(KernelState.STOPPED)
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+
+    def _wait_exit(self, child: _Child, deadline: float) -> bool:
+        """Wait until ``child`` exits (True) or ``deadline`` passes (False), answering the
+        service calls of the draining workers meanwhile."""
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            links = list(self._links)
+            ready = select.select([child.pidfd, *links], [], [], left)[0]
+            if child.pidfd in ready:
+                return True
+            if not ready:
+                return False
+            for fd in ready:
+                if fd in self._links:
+                    self._on_call(self._links[fd])
 
 
 def _reason(code: int) -> str:

@@ -1,6 +1,7 @@
 """Plugins in real kernels (kernel/plugins.py through astra): lifecycle events seen in order
-in the workers, services and tools from clients and agents, failing plugins disabled and
-reported while the kernel carries on, discovery by entry point and by ``astrad --plugin``,
+in the workers, services and tools from clients and agents, supervisor services (one
+instance, through worker restarts), failing plugins disabled and reported while the kernel
+carries on, discovery by entry point and by ``astrad --plugin``,
 ``astra plugins``, and the docs' example installed with pip and run as written."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ import astra
 from astra._cli import EXIT_OK, main
 from astra.plugin import Event, Plugin, PluginContext
 from tests.astra.conftest import Astrad
+from tests.helpers import wait_until
 from tests.kernel.test_plugins import install_dist
 
 pytestmark = pytest.mark.multiprocess
@@ -210,6 +213,96 @@ def test_agents_are_granted_plugin_tools_like_any_tool(kernel1_recorder):
         k.spawn(ToolUser, tools=["recorder.whisper"])
 
 
+# ---- Supervisor services: one instance per kernel ----
+
+
+class Ticket(Plugin):
+    """A kernel-wide ticket counter: a singleton in the supervisor."""
+
+    name = "ticket"
+
+    def setup(self, ctx: PluginContext) -> None:
+        self.n = 0
+        ctx.service("next", self.next, where="supervisor")
+        ctx.service("where", lambda: (ctx.role, os.getpid()), where="supervisor")
+        ctx.service("fail", self.fail, where="supervisor")
+
+    def next(self) -> int:
+        self.n += 1  # no lock: the supervisor runs its services one at a time
+        return self.n
+
+    def fail(self, key):
+        raise KeyError(key)
+
+
+class TicketTaker(astra.Agent):
+    async def take(self, n):
+        return [await self.service("ticket.next") for _ in range(n)]
+
+    async def where(self):
+        return await self.service("ticket.where")
+
+    async def fail(self):
+        try:
+            await self.service("ticket.fail", "gone")
+        except KeyError as exc:
+            return repr(exc)
+        return "no error"
+
+
+def _links(pid):
+    """How many SOCK_SEQPACKET sockets (supervisor links) process ``pid`` holds."""
+    with open("/proc/net/unix") as f:
+        seqpacket = {line.split()[6] for line in f.readlines()[1:] if line.split()[4] == "0005"}
+    targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    return sum(t.startswith("socket:[") and t[8:-1] in seqpacket for t in targets)
+
+
+@pytest.mark.slow
+def test_a_supervisor_service_is_one_instance_for_clients_and_agents():
+    with astra.Kernel(workers=2, plugins=[Ticket]) as k:
+        sup = k.supervisor_pid
+        takers = [k.spawn(TicketTaker, worker=w) for w in (0, 1)]
+        asks = [t.ask("take", 30) for t in takers]
+        calls = [k.call_service("ticket.next") for _ in range(30)]
+        by_agent = [a.result(timeout=30) for a in asks]
+        by_client = [c.result(timeout=30) for c in calls]
+        for seq in by_agent:
+            assert seq == sorted(seq)  # each caller sees its own calls in order
+        assert sorted(by_agent[0] + by_agent[1] + by_client) == list(range(1, 91))
+        assert takers[1].ask("where").result(timeout=30) == ("supervisor", sup)
+        assert k.call_service("ticket.where").result(timeout=30) == ("supervisor", sup)
+        # The service's own exception reaches both kinds of caller with its type.
+        assert takers[0].ask("fail").result(timeout=30) == "KeyError('gone')"
+        with pytest.raises(KeyError, match="gone"):
+            k.call_service("ticket.fail", "gone").result(timeout=30)
+        with pytest.raises(astra.errors.ServiceNotFoundError, match="in the supervisor"):
+            k.call_service("ticket.nope").result(timeout=30)
+        row = next(r for r in k.plugins() if r.name == "ticket")
+        assert row.supervisor_services == ("ticket.next", "ticket.where", "ticket.fail")
+        assert _links(sup) == 2  # one link per worker
+        assert [_links(pid) for pid in k.worker_pids()] == [1, 1]  # its own only
+
+
+@pytest.mark.slow
+def test_a_restarted_worker_gets_a_new_link_and_the_same_instance():
+    with astra.Kernel(workers=2, plugins=[Ticket]) as k:
+        sup = k.supervisor_pid
+        taker = k.spawn(TicketTaker, name="taker", worker=0)
+        assert taker.ask("take", 3).result(timeout=30) == [1, 2, 3]
+        old = k.worker_pids()[0]
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: k.worker_pids()[0] not in (0, old), timeout_s=30)
+        wait_until(lambda: k._agents.registry.lookup("taker") == 1, timeout_s=30)
+        # taker moved to w01; a new agent on the new w00 calls through the new link.
+        assert taker.ask("take", 1).result(timeout=30) == [4]
+        fresh = k.spawn(TicketTaker, name="fresh", worker=0)
+        assert fresh.ask("take", 2).result(timeout=30) == [5, 6]
+        assert k.call_service("ticket.next").result(timeout=30) == 7
+        assert _links(sup) == 2  # the dead workers' links were closed
+        assert [_links(pid) for pid in k.worker_pids()] == [1, 1]
+
+
 # ---- Failure isolation ----
 
 
@@ -260,13 +353,19 @@ def test_astrad_loads_entry_points_and_flagged_plugins(tmp_path, monkeypatch, ca
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), ROOT]))
     daemon = Astrad(
         str(tmp_path / "state"),
-        extra=("--plugin", f"{__name__}:Recorder", "--plugin", f"{__name__}:SetupFails"),
+        extra=tuple(
+            arg
+            for cls in ("Recorder", "SetupFails", "Ticket")
+            for arg in ("--plugin", f"{__name__}:{cls}")
+        ),
     ).start()
     try:
         with daemon.connect() as client:
             hello = client.call_service("greeter.hello", "ann").result(timeout=30)
             assert hello.startswith("hello ann from worker ")
             assert client.call_tool("recorder.shout", "x").result(timeout=30) == "X!"
+            tickets = [client.call_service("ticket.next") for _ in range(4)]
+            assert sorted(t.result(timeout=30) for t in tickets) == [1, 2, 3, 4]
             mem = client.memory("team")
             mem.put("k", [1, 2])
             assert mem.get("k") == [1, 2]
@@ -286,6 +385,8 @@ def test_astrad_loads_entry_points_and_flagged_plugins(tmp_path, monkeypatch, ca
     assert rows["recorder"]["source"] == "flag --plugin"
     assert rows["recorder"]["tools"] == ["recorder.shout"]
     assert rows["setup_fails"]["state"] == "disabled"
+    assert rows["ticket"]["supervisor_services"] == ["ticket.next", "ticket.where", "ticket.fail"]
+    assert "    in the supervisor: ticket.next, ticket.where, ticket.fail" in table
     assert re.search(r"setup_fails +disabled", table)
     assert "error: RuntimeError: needs a config it does not have" in table
 

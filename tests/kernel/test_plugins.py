@@ -1,13 +1,17 @@
 """The plugin API in one process (kernel/plugins.py): discovery by spec, class and entry
 point; setup and listener failures disabled and reported; event flags; services; a plugin's
-own LMDB table. The same API with real kernels and astrad is in tests/astra/test_plugins.py.
+own LMDB table; supervisor services over a link served by a thread. The same API with
+real kernels and astrad is in tests/astra/test_plugins.py.
 """
 
 from __future__ import annotations
 
 import importlib
+import select
+import socket
 import sys
 import textwrap
+import threading
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,6 +25,7 @@ from kernel.plugins import (
     PluginError,
     PluginHost,
     ServiceNotFoundError,
+    SupervisorLink,
     discover,
     events,
     read_plugins,
@@ -28,7 +33,7 @@ from kernel.plugins import (
 
 if TYPE_CHECKING:
     import pathlib
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 
 def install_dist(
@@ -277,6 +282,129 @@ def test_registrations_after_setup_take_effect_at_once(tmp_path, host_factory):
 def test_call_service_outside_any_kernel_raises_not_found():
     with pytest.raises(ServiceNotFoundError, match="runs no plugins"):
         plugins.call_service("memory.get", ("ns", "k"), {})
+
+
+# ---- Supervisor services (protocol 6), over real socketpairs ----
+
+
+class Tally(Plugin):
+    """A singleton counter in the supervisor, and what goes wrong around it."""
+
+    name = "tally"
+
+    def setup(self, ctx: PluginContext) -> None:
+        self.n = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        ctx.service("next", self.next, where="supervisor")
+        ctx.service("boom", self.boom, where="supervisor")
+        ctx.service("wait", self.gate.wait, where="supervisor")
+        ctx.service("big", lambda: b"x" * (1 << 21), where="supervisor")
+        ctx.service("local", lambda: (ctx.role, ctx.worker))
+        if ctx.role == "supervisor":  # registered here only: a worker asks anyway
+            ctx.service("only_here", lambda: ctx.role, where="supervisor")
+
+    def next(self) -> int:
+        self.n += 1
+        return self.n
+
+    def boom(self, what: str) -> None:
+        raise ValueError(f"no {what}")
+
+
+def _serve(sup: PluginHost, sock: socket.socket) -> threading.Thread:
+    """Answer ``sock``'s calls on a thread, as the supervisor's loop would, until EOF."""
+
+    def loop() -> None:
+        with sock:
+            while True:
+                select.select([sock], [], [])
+                if not sup.serve(sock):
+                    return
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def linked(tmp_path, host_factory) -> Iterator[Callable[..., PluginHost]]:
+    """Worker hosts linked to one supervisor host (Tally loaded), each link served by a
+    thread; closing the worker hosts ends the threads."""
+    sup = _load(host_factory, tmp_path, Tally)
+    threads = []
+
+    def worker(index: int, timeout_s: float = 10.0) -> PluginHost:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        threads.append(_serve(sup, ours))
+        host = sup.for_worker(index, SupervisorLink(theirs, timeout_s))
+        host_factory.append(host)
+        return host
+
+    worker.sup = sup  # type: ignore[attr-defined]
+    yield worker
+    for host in host_factory[1:]:
+        host.close()
+    for thread in threads:
+        thread.join(timeout=10)
+
+
+def test_supervisor_services_run_in_the_one_supervisor_instance(linked):
+    w0, w1 = linked(0), linked(1)
+    seen = [w.call("tally.next", (), {}) for _ in range(5) for w in (w0, w1)]
+    assert seen == list(range(1, 11))
+    assert linked.sup.plugin("tally").n == 10
+    assert w0.plugin("tally").n == w1.plugin("tally").n == 0  # the workers' never ran
+    assert w1.call("tally.local", (), {}) == ("worker", 1)  # where="worker": right here
+    assert w0.call("tally.only_here", (), {}) == "supervisor"
+
+
+def test_a_supervisor_service_error_reaches_the_caller_with_its_type(linked):
+    w0 = linked(0)
+    with pytest.raises(ValueError, match="no luck") as info:
+        w0.call("tally.boom", ("luck",), {})
+    assert "in boom" in str(info.value.__cause__)  # the supervisor-side traceback
+    with pytest.raises(ServiceNotFoundError, match=r"no service 'tally\.nope' in the supervisor"):
+        w0.call("tally.nope", (), {})
+    with pytest.raises(PluginError, match="over the link's limit"):
+        w0.call("tally.big", (), {})
+    assert w0.call("tally.next", (), {}) == 1  # the link is still good
+
+
+def test_a_late_reply_is_skipped_and_a_dead_supervisor_is_reported(linked):
+    w0 = linked(0, timeout_s=0.05)
+    tally = linked.sup.plugin("tally")
+    tally.gate.clear()
+    with pytest.raises(PluginError, match="no answer from the supervisor"):
+        w0.call("tally.wait", (), {})
+    tally.gate.set()  # its reply comes now, to a call nobody waits for
+    assert w0.call("tally.next", (), {}) == 1
+    orphan = linked.sup.for_worker(2)  # no link: a supervisor service is out of reach
+    with pytest.raises(PluginError, match="no link"):
+        orphan.call("tally.next", (), {})
+    orphan.close()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.close()
+    link = SupervisorLink(theirs, 10.0)
+    with pytest.raises(PluginError, match="the supervisor is gone"):
+        link.call("tally.next", (), {})
+    link.close()
+
+
+def test_where_is_checked_and_recorded_in_the_status(tmp_path, host_factory):
+    class Bad(Plugin):
+        name = "bad"
+
+        def setup(self, ctx: PluginContext) -> None:
+            ctx.service("x", lambda: None, where="elsewhere")  # type: ignore[arg-type]
+
+    _load(host_factory, tmp_path, Tally, Bad).close()
+    rows = {r.name: r for r in read_plugins(str(tmp_path))}
+    assert rows["tally"].supervisor_services == (
+        "tally.next", "tally.boom", "tally.wait", "tally.big", "tally.only_here",
+    )  # fmt: skip
+    assert "tally.local" in rows["tally"].services
+    assert rows["bad"].error == "PluginError: bad where 'elsewhere': 'worker' or 'supervisor'"
 
 
 # ---- The context: names, tables, paths, tools ----

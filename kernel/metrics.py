@@ -43,6 +43,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import time
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -276,6 +277,20 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
+def _other_sockets(keep: int) -> list[int]:
+    """This process's socket fds but ``keep``: an exporter forked by the supervisor drops
+    the supervisor's (plugin service links, notify sockets); it reads shared memory only."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if fd != keep and fd > 2 and stat.S_ISSOCK(os.fstat(fd).st_mode):
+                fds.append(fd)
+        except OSError:
+            continue  # the listing's own fd, already closed
+    return fds
+
+
 class _V6Server(http.server.ThreadingHTTPServer):
     address_family = socket.AF_INET6
 
@@ -329,7 +344,12 @@ class MetricsServer:
         if pid == 0:  # the exporter
             code = 0
             try:
-                after_fork_in_child("astra-metrics", parent_pid=parent, death_signal=signal.SIGTERM)
+                after_fork_in_child(
+                    "astra-metrics",
+                    parent_pid=parent,
+                    death_signal=signal.SIGTERM,
+                    close_fds=_other_sockets(server.fileno()),
+                )
                 server.serve_forever()
             except BaseException:
                 code = 1

@@ -151,17 +151,26 @@ def test_bad_metrics_addresses_are_refused(addr):
 
 def test_the_exporter_is_its_own_process_and_is_reaped_at_close(table):
     """Not a thread of the (forking) supervisor: a child named astra-metrics, gone after close."""
+    import socket
+
     import psutil
 
     from kernel.metrics import MetricsServer
 
+    ours = socket.socketpair()  # like the supervisor's service links: not the exporter's
     server = MetricsServer("127.0.0.1:0", lambda: render_prometheus(SPECS, table.collect()))
     pid = server.pid
     try:
         assert pid != os.getpid()
+        inodes = {f"socket:[{os.fstat(s.fileno()).st_ino}]" for s in ours}
+        wait_until(lambda: psutil.Process(pid).name() == "astra-metrics")
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert not inodes & held
         wait_until(lambda: psutil.Process(pid).name() == "astra-metrics")  # named after fork
         assert psutil.Process(pid).ppid() == os.getpid()
     finally:
         server.close()
+        for s in ours:
+            s.close()
     assert not psutil.pid_exists(pid)  # reaped, not a zombie
     server.close()  # twice is harmless

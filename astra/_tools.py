@@ -17,7 +17,7 @@ from __future__ import annotations
 __all__ = ["resolve", "tool"]
 
 import threading
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar, overload
 
 from kernel import function_key
 from kernel.tools import BUILTIN_TOOLS, CapabilityError, ToolSpec
@@ -32,6 +32,23 @@ _registry: dict[str, ToolSpec] = {}
 _lock = threading.Lock()
 #: Policies of the built-in tools (their calls may pass limits of their own later).
 _BUILTIN_POLICY: Final = {"python": {"profile": "python"}, "shell": {"profile": "shell"}}
+
+
+@overload
+def tool(fn: F, /) -> F: ...
+
+
+@overload
+def tool(
+    fn: None = None,
+    /,
+    *,
+    name: str | None = None,
+    profile: str = "python",
+    network: bool = False,
+    timeout_s: float | None = None,
+    **limits: object,
+) -> Callable[[F], F]: ...
 
 
 def tool(

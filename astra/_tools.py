@@ -35,7 +35,16 @@ _BUILTIN_POLICY: Final = {"python": {"profile": "python"}, "shell": {"profile": 
 
 
 @overload
-def tool(fn: F, /) -> F: ...
+def tool(
+    fn: F,
+    /,
+    *,
+    name: str | None = None,
+    profile: str = "python",
+    network: bool = False,
+    timeout_s: float | None = None,
+    **limits: object,
+) -> F: ...
 
 
 @overload

@@ -42,8 +42,8 @@ DEFAULT_ARENA_BYTES: Final = int(os.getenv("ASTRA_KERNEL_ARENA_BYTES", str(256 <
 #: How long ``Kernel()`` waits for its supervisor to report ready.
 START_TIMEOUT_S: Final = 30.0
 #: The plugins every kernel loads first: Astra's own services, built on the same plugin
-#: API as a third party's (kernel/plugins.py).
-BUILTIN_PLUGINS: Final = ("astra.memory:MemoryPlugin",)
+#: API as a third party's (kernel/plugins.py). Routing first: it provides the default router.
+BUILTIN_PLUGINS: Final = ("astra.routing:RoutingPlugin", "astra.memory:MemoryPlugin")
 
 
 class Kernel(Client):

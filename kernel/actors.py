@@ -146,14 +146,15 @@ import msgspec
 from . import shipping
 from .errors import KernelError
 from .logs import log_event
-from .plugins import emit, events
-from .topics import TopicTable, split_pattern
+from .plugins import emit, events, router
+from .topics import split_pattern
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterable, Mapping
 
     from .journal import Journal
     from .memory import MemoryView
+    from .plugins import Topics
 
 #: Messages an agent's mailbox holds before ``post`` returns False (per-spawn override).
 MAILBOX_CAPACITY: Final = int(os.getenv("ASTRA_MAILBOX_CAPACITY", "1024"))
@@ -945,7 +946,8 @@ class AgentHost:
         self.handled_total = 0
         self.restarts_total = 0
         self._names: dict[str, str] = {}  # name -> agent id (an agent's id is its default name)
-        self._topics: TopicTable[str] = TopicTable()
+        # This process's router's table (kernel/plugins.py protocol 7; TopicTable by default)
+        self._topics: Topics = router().topics()
         self._pending: dict[int, asyncio.Future[object]] = {}  # call id -> the asker's future
         self._next_call = 0
         self._last_msg_id = 0

@@ -11,10 +11,11 @@ ask then costs no thread wake-up); when the loop is busy it hands the batch over
 callback at a time; ``AgentService`` is the host's ``Outbox`` and ``Checkpointer``.
 
 Addresses. An agent's name is its id, unique per kernel instance through the shared
-registry (kernel/registry.py): a client or an agent claims the name before the spawn, the
-worker frees it when the agent stops for good, the supervisor frees the names of a dead
-worker. Who waits for an answer is an *origin code*: a worker's index (>= 0), or
-``client_origin(slot, generation)`` (< 0) for a client.
+registry (kernel/registry.py, opened through the router of kernel/plugins.py protocol 7):
+a client or an agent claims the name before the spawn, the worker frees it when the agent
+stops for good, the supervisor frees the names of a dead worker. Who waits for an answer
+is an *origin code*: a worker's index (>= 0), or ``client_origin(slot, generation)`` (< 0)
+for a client.
 
 Backpressure. A message for a full mailbox waits in the worker, in one FIFO per agent
 (first come first served, so per-sender order holds), for the ask's ``timeout_s`` (a tell:
@@ -76,7 +77,6 @@ from .journal import Journal, Table
 from .kmetrics import AGENT_SAMPLE_S, AGENT_STATES
 from .logs import log_event
 from .messages import AgentCall, AgentReply, ListAgents, SpawnAgent, StopAgent, encode
-from .registry import Registry
 from .tools import CapabilityError, ToolSpec, refuse, run_tool
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ if TYPE_CHECKING:
     from ipc import Arena, ArrayRef
 
     from .actors import Agent
+    from .plugins import Names
     from .sharedloop import SharedLoop
     from .worker import Worker
 
@@ -172,7 +173,7 @@ class AgentService:
         self._overflow: dict[str, _Overflow] = {}  # agent -> messages waiting for room
         self._counted = (0, 0)  # (handled_total, restarts_total) already in the metrics row
         self.index = worker.index
-        self._registry: Registry | None = None
+        self._registry: Names | None = None  # from this process's router (kernel/plugins.py)
         self._journals: dict[str, Journal] = {}
         self._journal_of: dict[str, Journal] = {}  # agent -> the journal of its checkpoints
         self._host: AgentHost | None = None
@@ -259,9 +260,9 @@ class AgentService:
         return self._host
 
     @property
-    def registry(self) -> Registry:
+    def registry(self) -> Names:
         if self._registry is None:
-            self._registry = Registry.open(self._worker.instance)
+            self._registry = plugins.router().names(self._worker.instance)
         return self._registry
 
     def _dispatch(self, msg: AgentFrame) -> None:

@@ -9,6 +9,8 @@ for an embedded kernel, which also takes classes. Through its ``PluginContext`` 
 agents with ``await self.service("name.op", ...)``), *tools* (sandboxed, granted to agents
 like any tool), *listeners* of lifecycle events, and an *agent API* (what ``self.plugin(name)``
 returns inside an agent); it keeps state in its own LMDB sub-database (``ctx.table()``).
+One plugin of a kernel provides its *router* (``ctx.router()``): agent names and topic
+routing; the built-in ``astra.routing`` registers the default one.
 
     entry points "astra.plugins" --.
     astrad --plugin, config --------+--> discover() --> PluginHost("supervisor") --fork--> wNN:
@@ -69,6 +71,20 @@ Protocols:
        caller --lock--> SupervisorLink ==request==> PluginHost.serve --> service fn
                         (blocks)       <==reply===  (one call at a time)
 
+7. *Routing.* A process routes through one ``Router``: its ``names(instance)`` opens the
+   agent registry (``claim``, ``lookup``, ``move``, ``release``, ``entries``) where the
+   worker's ``AgentService`` and the supervisor read and write names, and its ``topics()``
+   makes each ``AgentHost``'s table of subscriptions (``subscribe``, ``match``...). The
+   host keeps the chosen router as it keeps the services: a plugin that registers one
+   with ``default=True`` (the built-in ``routing``) is replaced by one registered
+   without; a second router of either kind is a ``PluginError`` in its plugin's
+   ``setup``, which disables that plugin. ``router()`` is read when a process builds its
+   registry handle and its agent host, never per message: the hot path calls the table's
+   own ``match``, one attribute load as before. Without a router (a process without
+   plugins, a unit test) it is ``DefaultRouter``, the shared ``Registry`` plus one
+   ``TopicTable`` per host. A router is chosen once: one registered after ``setup``
+   returns is refused, and the objects built from a plugin that is disabled later stay.
+
 Open questions:
 
 - XX: a supervisor service runs on the supervisor's loop thread: one that blocks stalls
@@ -78,6 +94,11 @@ Open questions:
 - XX: a worker's calls of supervisor services wait for each other (one link, one lock).
 - XX: a listener that blocks or loops forever stalls its thread; there is no watchdog.
 - XX: a plugin disabled in one worker stays enabled in the others (they did not fail).
+- XX: clients (astra/_agents.py) read and claim names in the shared ``Registry`` itself,
+  not through a router (they load no plugins): a router's names must stay in that
+  segment (wrap ``DefaultRouter``'s, do not replace the store) for clients to see them.
+- XX: at about 1,100 lines this module is past the 800-line mark; discovery and status
+  (protocols 1 and 2) could move out, leaving the API, the host and the link.
 """
 
 from __future__ import annotations
@@ -89,15 +110,19 @@ __all__ = [
     "SERVICE_TIMEOUT_S",
     "AgentInfo",
     "Candidate",
+    "DefaultRouter",
     "Event",
     "EventFlags",
+    "Names",
     "Plugin",
     "PluginContext",
     "PluginError",
     "PluginHost",
     "PluginInfo",
+    "Router",
     "ServiceNotFoundError",
     "SupervisorLink",
+    "Topics",
     "activate",
     "call_service",
     "current",
@@ -105,6 +130,7 @@ __all__ = [
     "emit",
     "events",
     "read_plugins",
+    "router",
 ]
 
 import contextlib
@@ -120,7 +146,7 @@ import struct
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, ClassVar, Final, Literal, cast
+from typing import TYPE_CHECKING, ClassVar, Final, Literal, Protocol, cast
 
 import msgspec
 
@@ -128,9 +154,13 @@ from . import shipping
 from .errors import KernelError
 from .journal import Journal, JournalError, Table
 from .logs import log_event
+from .registry import Registry
+from .topics import TopicTable
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+
+    from ipc import Instance
 
     from .tools import ToolSpec
 
@@ -238,6 +268,93 @@ class AgentInfo:
     grants: tuple[str, ...]  #: what it was granted for this plugin at spawn (``memory=[...]``)
 
 
+# ---- Routing: what a router provides (protocol 7) ----
+
+
+class Names(Protocol):
+    """One process's handle on the agent names of a kernel instance (``Router.names``):
+    which worker hosts each named agent. ``kernel.registry.Registry`` is the default."""
+
+    def claim(self, name: str, worker: int, /) -> bool:
+        """Register ``name`` on ``worker``; False if it is taken. Raises ``ValueError``
+        (a bad name), ``RegistryFullError``."""
+        ...
+
+    def lookup(self, name: str, /) -> int:
+        """The worker hosting ``name``, or -1."""
+        ...
+
+    def move(self, name: str, worker: int, /) -> bool:
+        """``name`` now lives on ``worker`` (the supervisor, after a worker died)."""
+        ...
+
+    def release(self, name: str, worker: int | None = None) -> bool:
+        """Free ``name`` (only if it is on ``worker``, when given); False if it was not."""
+        ...
+
+    def entries(self) -> list[tuple[str, int]]:
+        """Every (name, worker) (the supervisor, to restart a dead worker's agents)."""
+        ...
+
+    def close(self) -> None:
+        """Release the handle (its process is done with it)."""
+        ...
+
+
+class Topics(Protocol):
+    """One agent host's subscriptions (``Router.topics``): single writer, the host's loop
+    thread. Patterns reach it validated (kernel/topics.py). ``TopicTable`` is the default."""
+
+    def subscribe(self, pattern: str, agent_id: str, /) -> bool:
+        """Subscribe ``agent_id`` to ``pattern``; False if it already was."""
+        ...
+
+    def unsubscribe(self, pattern: str, agent_id: str, /) -> bool:
+        """Remove one subscription; False if there was none."""
+        ...
+
+    def unsubscribe_all(self, agent_id: str, /) -> int:
+        """Remove every subscription of ``agent_id`` (it stopped or restarted)."""
+        ...
+
+    def match(self, topic: str, /) -> Collection[str]:
+        """The agents to deliver ``topic`` to, each once (every publish, on the hot path).
+        Raises ``TopicError`` for a malformed topic."""
+        ...
+
+    def patterns(self, agent_id: str, /) -> frozenset[str]:
+        """The patterns ``agent_id`` is subscribed to."""
+        ...
+
+
+class Router(Protocol):
+    """Agent names and topic routing for one process, registered with ``ctx.router``."""
+
+    def names(self, instance: Instance, /) -> Names:
+        """Open this process's handle on the names of ``instance`` (whose segment the
+        kernel created). Raises ``SegmentError`` or ``OSError`` if it has none."""
+        ...
+
+    def topics(self) -> Topics:
+        """A fresh, empty table of subscriptions for one agent host."""
+        ...
+
+
+class DefaultRouter:
+    """The built-in router: the instance's shared ``Registry`` (which clients read too)
+    and a ``TopicTable`` per host. A custom router may wrap what it returns."""
+
+    def names(self, instance: Instance, /) -> Names:
+        return Registry.open(instance)
+
+    def topics(self) -> Topics:
+        table: TopicTable[str] = TopicTable()
+        return table
+
+
+_DEFAULT_ROUTER: Final = DefaultRouter()
+
+
 # ---- The public classes: Plugin, PluginContext ----
 
 
@@ -291,6 +408,7 @@ class PluginContext:
         self._tools: dict[str, ToolSpec] = {}
         self._listeners: list[tuple[str, Callable[[Event], object]]] = []
         self._agent_api: Callable[[AgentInfo], object] | None = None
+        self._router: tuple[Router, bool] | None = None  # (router, default)
         self._live = False  # setup returned: later registrations take effect at once
 
     def _registered(self) -> None:
@@ -356,6 +474,26 @@ class PluginContext:
         for this plugin at spawn; the factory enforces them."""
         self._agent_api = factory
         self._registered()
+
+    def router(self, router: Router, *, default: bool = False) -> None:
+        """Route this kernel's agent names and topics through ``router`` (protocol 7), in
+        this process; call it in ``setup`` (the routers of a kernel's processes must agree:
+        register it in every role). ``default=True`` (the built-in ``routing`` plugin):
+        any other plugin's router replaces it.
+
+        Raises:
+            PluginError: called after ``setup``, or a router of this kind is registered
+                already, by this plugin or another one (one router per kernel).
+        """
+        if self._live:
+            raise PluginError(f"{self.name}: register a router in setup(), not later")
+        owner = self._host._router_owner(default)
+        if self._router is not None and self._router[1] == default:
+            owner = self.name
+        if owner:
+            kind = "default router" if default else "router"
+            raise PluginError(f"a {kind} is registered already, by plugin {owner!r}")
+        self._router = (router, default)
 
     def table(self, name: str = "") -> Table:
         """This plugin's own LMDB sub-database (``p:<plugin>`` or ``p:<plugin>:<name>``) in
@@ -492,6 +630,9 @@ class PluginInfo(msgspec.Struct, frozen=True, kw_only=True):
     supervisor_services: tuple[str, ...] = ()  #: those of ``services`` run in the supervisor
     tools: tuple[str, ...] = ()  #: full names
     events: tuple[str, ...] = ()  #: the kinds it listens to
+    #: "in use": this kernel routes through its router; "replaced": it registered a
+    #: default router that another plugin's replaced; "": it registers none (protocol 7)
+    router: str = ""
     failures: tuple[str, ...] = ()  #: "w01: hook task_started: ValueError: ..." per failure
 
 
@@ -548,6 +689,8 @@ class PluginHost:
         self._tools: dict[str, ToolSpec] = {}  # full name -> spec
         self._agent_apis: dict[str, Callable[[AgentInfo], object]] = {}  # plugin -> factory
         self._listeners: dict[str, tuple[tuple[str, Callable[[Event], object]], ...]] = {}
+        self._router: Router | None = None  # what router() returns here (protocol 7)
+        self._router_by = ""  # the plugin it came from
         self._journal: Journal | None = None
         self._pid = os.getpid()
         self._started_ns = time.time_ns()  # failures reported before this are an earlier run's
@@ -618,8 +761,20 @@ class PluginHost:
         self._services, self._tools, self._agent_apis = services, tools, apis
         self._in_supervisor = frozenset(in_supervisor)
         self._listeners = {kind: tuple(fns) for kind, fns in listeners.items()}
+        self._router, self._router_by = None, ""
+        for name, loaded in self._loaded.items():
+            registered = loaded.ctx._router
+            if registered is not None and (self._router is None or not registered[1]):
+                self._router, self._router_by = registered[0], name  # a default gives way
         if _current is self:
             _set_flags(self._listeners)
+
+    def _router_owner(self, default: bool) -> str:
+        """The enabled plugin that registered a router of this kind, or ""."""
+        for name, loaded in self._loaded.items():
+            if loaded.ctx._router is not None and loaded.ctx._router[1] == default:
+                return name
+        return ""
 
     # ---- Using plugins ----
 
@@ -765,6 +920,7 @@ class PluginHost:
                     f"{cand.name}.{s}" for s in _supervisor_ops(ctx)) if ctx else (),
                 tools=tuple(t.name for t in ctx._tools.values()) if ctx else (),
                 events=tuple(dict.fromkeys(k for k, _ in ctx._listeners)) if ctx else (),
+                router=_router_state(ctx, self._router_by),
             ))  # fmt: skip
         try:
             journal = self.journal()
@@ -808,6 +964,12 @@ class PluginHost:
 
 def _supervisor_ops(ctx: PluginContext) -> list[str]:
     return [op for op, where in ctx._where.items() if where == "supervisor"]
+
+
+def _router_state(ctx: PluginContext | None, chosen_by: str) -> str:
+    if ctx is None or ctx._router is None:
+        return ""
+    return "in use" if ctx.name == chosen_by else "replaced"
 
 
 def _reply(sock: socket.socket, call_id: int, reply: bytes) -> None:
@@ -910,6 +1072,14 @@ def activate(host: PluginHost | None) -> None:
 def _set_flags(listeners: Mapping[str, object]) -> None:
     for kind in EVENTS:
         setattr(events, kind, kind in listeners)
+
+
+def router() -> Router:
+    """This process's router (protocol 7): its plugins', else ``DefaultRouter``. Read when
+    the kernel builds a registry handle or an agent host, not per message."""
+    host = _current
+    chosen = host._router if host is not None else None
+    return chosen if chosen is not None else _DEFAULT_ROUTER
 
 
 def current() -> PluginHost | None:

@@ -87,7 +87,6 @@ from .control import KernelState
 from .journal import Journal, JournalError
 from .logs import log_event, share_logging
 from .messages import SpawnAgent, StopWorker, WorkerLost, encode
-from .registry import Registry
 from .scheduler import steal_bell, worker_ring
 from .worker import Worker
 
@@ -405,7 +404,7 @@ class Supervisor:
         workers from their spawn specs, or free their names (kernel/agentd.py). Called
         after the replacement was forked, so a lone worker's agents go to it."""
         try:
-            registry = Registry.open(self._instance)
+            registry = plugins.router().names(self._instance)  # plugins.py protocol 7
         except (SegmentError, OSError):
             return  # a kernel without an agent registry
         try:

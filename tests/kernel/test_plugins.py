@@ -1,6 +1,7 @@
 """The plugin API in one process (kernel/plugins.py): discovery by spec, class and entry
 point; setup and listener failures disabled and reported; event flags; services; a plugin's
-own LMDB table; supervisor services over a link served by a thread. The same API with
+own LMDB table; supervisor services over a link served by a thread; the router a plugin
+registers (one per process, a default one giving way). The same API with
 real kernels and astrad is in tests/astra/test_plugins.py.
 """
 
@@ -12,7 +13,7 @@ import socket
 import sys
 import textwrap
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import pytest
 
@@ -20,6 +21,7 @@ from kernel import plugins
 from kernel.plugins import (
     EVENTS,
     Candidate,
+    DefaultRouter,
     Plugin,
     PluginContext,
     PluginError,
@@ -30,6 +32,7 @@ from kernel.plugins import (
     events,
     read_plugins,
 )
+from kernel.topics import TopicTable
 
 if TYPE_CHECKING:
     import pathlib
@@ -472,3 +475,89 @@ def test_candidates_carry_their_errors():
     cand = Candidate("x", "x", "test", error="boom")
     assert cand.cls is None
     assert cand.error == "boom"
+
+
+# ---- Routing (protocol 7) ----
+
+
+class Routes(Plugin):
+    """Registers a router of its own: the default one under another identity."""
+
+    name = "routes"
+    default = False
+
+    def setup(self, ctx: PluginContext) -> None:
+        self.router = DefaultRouter()
+        ctx.router(self.router, default=self.default)
+
+
+class DefaultRoutes(Routes):
+    name = "default_routes"
+    default = True
+
+
+class MoreRoutes(Routes):
+    name = "more_routes"
+
+
+class TwiceRoutes(Routes):
+    name = "twice_routes"
+
+    def setup(self, ctx: PluginContext) -> None:
+        super().setup(ctx)
+        ctx.router(DefaultRouter())
+
+
+class LateRoutes(Plugin):
+    name = "late_routes"
+
+    def setup(self, ctx: PluginContext) -> None:
+        self.ctx = ctx
+
+
+def test_without_plugins_the_router_is_the_default_one():
+    assert plugins.current() is None
+    router = plugins.router()
+    assert isinstance(router, DefaultRouter)
+    assert isinstance(router.topics(), TopicTable)
+    assert router.topics() is not router.topics()  # one table per agent host
+
+
+def test_a_plugins_router_replaces_the_default_and_a_second_is_refused(tmp_path, host_factory):
+    host = _load(host_factory, tmp_path, DefaultRoutes, Routes, MoreRoutes)
+    assert host.names() == ["default_routes", "routes"]
+    plugins.activate(host)
+    chosen = host.plugin("routes")
+    assert isinstance(chosen, Routes)
+    assert plugins.router() is chosen.router
+    host.close()
+    rows = {r.name: r for r in read_plugins(str(tmp_path))}
+    assert (rows["routes"].router, rows["default_routes"].router) == ("in use", "replaced")
+    refused = "PluginError: a router is registered already, by plugin 'routes'"
+    assert (rows["more_routes"].state, rows["more_routes"].error) == ("disabled", refused)
+    assert rows["more_routes"].failures == (f"supervisor: setup: {refused}",)
+    alone = _load(host_factory, tmp_path / "twice", TwiceRoutes)  # one plugin, two routers
+    assert alone.names() == []
+    alone.close()
+    (row,) = read_plugins(str(tmp_path / "twice"))
+    assert row.error == "PluginError: a router is registered already, by plugin 'twice_routes'"
+
+
+def test_the_default_router_serves_when_no_other_and_after_setup_none_is_taken(
+    tmp_path, host_factory
+):
+    host = _load(host_factory, tmp_path, DefaultRoutes, LateRoutes)
+    worker = host.for_worker(0)  # each worker registers its own instance's router
+    host_factory.append(worker)
+    plugins.activate(worker)
+    mine = worker.plugin("default_routes")
+    assert isinstance(mine, DefaultRoutes)
+    assert plugins.router() is mine.router
+    assert mine.router is not cast("DefaultRoutes", host.plugin("default_routes")).router
+    late = worker.plugin("late_routes")
+    assert isinstance(late, LateRoutes)
+    with pytest.raises(PluginError, match="in setup"):
+        late.ctx.router(DefaultRouter())
+    worker.disable("default_routes", "test", RuntimeError("gone"))
+    assert isinstance(plugins.router(), DefaultRouter)  # the fallback, not the disabled one
+    assert plugins.router() is not mine.router

@@ -11,9 +11,12 @@ makes syscalls. :func:`lock_down` runs in the child, right after fork, in this o
    kills the whole sandbox group. ``PR_SET_PDEATHSIG`` would not do: it fires when the
    parent *thread* that forked exits, which kills idle pool children forked by a
    short-lived thread, and it reaches only the direct child.
-2. *Descriptors.* stdin is /dev/null, stdout/stderr the capture pipes, fd 3 the call pipe,
-   fd 4 the reply pipe, fd 5 the lifeline; every other inherited fd (rings, sockets, the
-   journal) closed.
+2. *Descriptors and shared memory.* stdin is /dev/null, stdout/stderr the capture pipes,
+   fd 3 the call pipe, fd 4 the reply pipe, fd 5 the lifeline; every other inherited fd
+   (rings, sockets, the journal) closed. Then every *shared* mapping fork carried over is
+   unmapped (``/proc/self/maps``, the ``s`` flag): the kernel's rings, control block,
+   arena, metrics table, semaphores. Closing their fds is not enough: a MAP_SHARED page
+   stays mapped and writable in the child, so a call could write the kernel's memory.
 3. *Environment.* ``os.environ`` replaced by the policy's; the exec-time environment block
    (what ``/proc/<pid>/environ`` shows) zeroed, since fork copied the parent's secrets.
 4. *Namespaces, where permitted.* As root, a shell profile first switches to the sandbox
@@ -197,9 +200,10 @@ def lock_down(plan: Plan, fds: tuple[int, int, int, int, int]) -> list[str]:
     _reset_signals()
     _arrange_fds(*fds)
     _hold_lifeline()
-    vm_bytes = _vm_size_bytes()  # before /proc is hidden
+    _unmap_shared()  # before /proc is hidden
+    vm_bytes = _vm_size_bytes()
     _scrub_environment(dict(plan.env))
-    layers += ["session", "fds", "env"]
+    layers += ["session", "fds", "shm", "env"]
     # ---- Step 4: identity and namespaces ----
     if plan.uid is not None:
         _switch_uid(plan.uid)
@@ -279,6 +283,21 @@ def descriptors_arranged() -> bool:
     """Whether step 2 is done: fd 4 is the reply pipe (the runner's child asks before it
     reports a failed lockdown)."""
     return _fds_arranged
+
+
+def _unmap_shared() -> None:
+    """Unmap every shared mapping this child inherited (step 2). Nothing of the call needs
+    one; Python objects over them (mmap, numpy views) are never touched here again, and the
+    child leaves with ``os._exit``, so no finalizer runs on them."""
+    spans = []
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            addresses, perms = line.split(maxsplit=2)[:2]
+            if perms[3:4] == b"s":
+                lo, hi = (int(a, 16) for a in addresses.split(b"-"))
+                spans.append((lo, hi))
+    for lo, hi in spans:
+        _check(_libc.munmap(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo)))
 
 
 def _hold_lifeline() -> None:

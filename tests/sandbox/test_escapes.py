@@ -406,6 +406,26 @@ def test_kernel_shm_segments(tmp_path):
         os.unlink(path)
 
 
+# A shared mapping of the parent's, like the kernel's rings and control block that a worker
+# holds when it forks a tool: made at import, so every sandboxed child inherits it.
+_KERNEL_PAGE = mmap.mmap(-1, mmap.PAGESIZE)  # anonymous: MAP_SHARED
+_KERNEL_PAGE[:12] = b"kernel state"
+_KERNEL_ADDR = ctypes.addressof(ctypes.c_char.from_buffer(_KERNEL_PAGE))
+
+
+def write_inherited_shared_memory() -> None:
+    ctypes.memmove(_KERNEL_ADDR, b"tool wrote!!", 12)
+
+
+def test_inherited_shared_memory_is_unmapped():
+    """Closing a segment's fd leaves its MAP_SHARED pages mapped and writable in a forked
+    child: the lockdown unmaps them, so a write through an old address faults."""
+    assert outcome(lambda: Runner(PY).call(write_inherited_shared_memory)) == (
+        "SandboxCrashed:SIGSEGV"
+    )
+    assert _KERNEL_PAGE[:12] == b"kernel state"
+
+
 def test_inherited_fds(tmp_path):
     secret = os.open(tmp_path / "secret", os.O_CREAT | os.O_RDWR, 0o600)
     high = os.dup2(secret, 77)  # inheritable, like a careless parent's

@@ -36,7 +36,8 @@ Protocol (each step says what makes it correct):
    nothing is ever overwritten.
 5. *Death and close.* Waits are cut into ``LIVENESS_INTERVAL_S`` slices; between slices the
    writer checks that the reader lives and the reader reaps lanes whose owner died or
-   retired. Reaping delivers every frame the owner had published, drops the chunks of a frame
+   retired (a retired lane at once; a dead owner, found in /proc, at most every
+   ``REAP_INTERVAL_S`` when a reader polls an empty ring in a loop). Reaping delivers every frame the owner had published, drops the chunks of a frame
    it never finished (the reader never returns a torn frame), restores the lane's ``spaces``
    count (a writer killed between taking a slot and publishing it leaks that count), and
    frees the lane for a new writer. On a ring with ``close_on_writer_exit`` (the default for a
@@ -1073,6 +1074,10 @@ class RingReader:
     def _reap(self, *, check_alive: bool = True) -> None:
         """Free the lanes of retired writers and (``check_alive``) of dead ones."""
         ring = self._ring
+        if not check_alive and not any(
+            ring.lane_word(lane, _L_STATE) == LaneState.RETIRED for lane in range(ring.lanes)
+        ):
+            return  # a lock-free look first (aligned words: a hint); the lock only to act
         with ring.claim_lock.held():  # lane words are written under it; read them likewise
             ended = [
                 lane

@@ -221,7 +221,7 @@ class Worker:
         self._responder_stop = False
         self._agent_service: AgentService | None = None
         # Hot-path metrics (kernel/kmetrics.py): this worker's row, written by the main
-        # thread and the loop thread (async tasks, agents) under _metrics_lock.
+        # thread and the loop thread (async tasks, agents) under metrics_lock.
         table = control.metrics
         self.metrics: MetricsRow | None = table.row(index) if table is not None else None
         self.metrics_lock = threading.Lock()
@@ -396,12 +396,14 @@ class Worker:
         if self._inbox_lock.acquire(blocking=False):  # else the main thread reads: idle
             try:
                 frames = self._inbox.recv_many(1024, timeout=0)
+                if frames:
+                    # Handled before the lock goes: agent frames must be queued on the loop
+                    # before the main thread can read (and run) a sender's next ones.
+                    self._handle(frames)
             except (RingEmpty, RingClosedError):
-                frames = []
+                pass
             finally:
                 self._inbox_lock.release()
-            if frames:
-                self._handle(frames)
         with self._heap_lock:
             taken = [] if self._draining else split_for_thief(self._heap)
             msgs = []

@@ -208,7 +208,10 @@ class AgentService:
 
     def _release_held(self) -> None:
         held, self._held = self._held, None
-        for (slot, generation), frames in (held or {}).items():
+        self._send_held(held or {})
+
+    def _send_held(self, held: dict[tuple[int, int], list[bytes]]) -> None:
+        for (slot, generation), frames in held.items():
             try:
                 self._worker.send_to_client(slot, generation, frames)
             except Exception:  # one client's failure must not drop the others' replies
@@ -574,8 +577,7 @@ class AgentService:
     def checkpoint(self, agent_id: str, data: bytes) -> None:
         if self._held:  # the Outbox contract: replies handed over before go out first
             held, self._held = self._held, {}
-            for (slot, generation), frames in held.items():
-                self._worker.send_to_client(slot, generation, frames)
+            self._send_held(held)
         journal = self._journal_of[agent_id]
         journal.table("agents").put(agent_id.encode(), data)
 

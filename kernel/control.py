@@ -25,6 +25,11 @@ Layout (little-endian u64 words, each aligned, so single-writer reads never tear
                                                                   should stop (cooperative
                                                                   cancel); 0 = none
 
+Beside it, ``create`` makes the instance's hot-path metrics table (segment ``metrics``,
+``kernel/kmetrics.py``: a row per worker, one for the supervisor, a row per client slot,
+each with one writer process); ``metrics`` maps it in a process that opened the block, and
+``close`` unmaps both.
+
 Worker row words: pid, start time, generation, core+1 (0 = unpinned) and restarts are
 written by the supervisor when it forks the worker; tasks_done, queued, cur_client,
 cur_task, idle, steals, steal_from and steal_seq by the worker itself (one writer each; a

@@ -30,7 +30,6 @@ __all__ = [
     "collect_kernel_metrics",
     "metrics_rows",
     "render_kernel_metrics",
-    "supervisor_row",
     "tool_outcome",
 ]
 
@@ -111,12 +110,9 @@ HOT_METRICS: Final = (
 
 
 def metrics_rows(workers: int, max_clients: int) -> int:
-    """Rows of the table: workers ``0..W-1``, the supervisor, then client slots."""
+    """Rows of the table: workers ``0..W-1``, one kept for the supervisor (it writes none
+    yet), then client slots."""
     return workers + 1 + max_clients
-
-
-def supervisor_row(workers: int) -> int:
-    return workers
 
 
 def client_row(workers: int, slot: int) -> int:

@@ -19,7 +19,10 @@ Protocol:
    submitted from (one word of the control block; the supervisor frees the slots of dead
    clients) and publishes (client, task) in its control row, so that the supervisor can say
    which task was running if the worker dies. A ``timeout_s`` arms ``ITIMER_REAL``; the
-   handler raises ``TaskTimeout`` in the task. ``async def`` tasks go to an asyncio loop on a
+   handler raises ``TaskTimeout`` in the task. A task sent with ``once`` (no retries left)
+   stays published as running until its reply is in the client's ring, so a death after it
+   ran and before its reply fails it rather than re-running it (sync tasks only: an
+   ``async def`` task is never published as running). ``async def`` tasks go to an asyncio loop on a
    second thread, so a task awaiting I/O never blocks the others.
 3. *Reply.* Results are batched per client and flushed when the heap empties, every 64
    results, or every millisecond. A numpy result of ``ARENA_THRESHOLD_BYTES`` or more goes

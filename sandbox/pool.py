@@ -35,6 +35,7 @@ from __future__ import annotations
 __all__ = ["POOL_SIZE", "PoolStatistics", "WarmPool"]
 
 import collections
+import contextlib
 import dataclasses
 import os
 import select
@@ -270,11 +271,14 @@ class WarmPool:
         with self._lock:
             exiting, self._exiting = self._exiting, []
             self._reaping = True
-        for child in exiting:
-            reap(child)
-        with self._lock:
-            self._reaping = False
-            self._changed.notify_all()
+        try:
+            for child in exiting:
+                with contextlib.suppress(OSError):  # already reaped: nothing to wait for
+                    reap(child)
+        finally:
+            with self._lock:
+                self._reaping = False
+                self._changed.notify_all()
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Block until the pool has settled: every replacement owed is forked (except those

@@ -40,6 +40,7 @@ __all__ = [
     "parse_options",
     "percentile",
     "pinned",
+    "run_and_report",
     "two_cpus",
 ]
 
@@ -444,6 +445,35 @@ def interrupt_on_sigterm() -> None:
     children reaped, pools and clusters shut down, shared memory removed. A forked peer
     worker must put back SIG_DFL (its pool's ``terminate()`` relies on it)."""
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+def run_and_report(
+    args: argparse.Namespace,
+    run: Callable[[bool], Report],
+    *,
+    title: str,
+    facts: Callable[[], str],
+    interrupted: str,
+    targets: Sequence[Target],
+    notes: Callable[[], str] | None = None,
+) -> int:
+    """Every benchmark's ``main`` after parsing: SIGTERM unwinds like Ctrl-C, ``run(progress)``
+    measures, then (unless ``--json-only``) a header line ``title (mode): facts(), N s``, the
+    tables, the targets and ``notes()``, then the JSON lines. Returns the exit code (130 when
+    interrupted, after saying what was cleaned up: ``interrupted``)."""
+    interrupt_on_sigterm()
+    started = time.perf_counter()
+    try:
+        report = run(not args.json_only)
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
+    if not args.json_only:
+        mode = "quick" if args.quick else "full"
+        print(f"{title} ({mode}): {facts()}, {time.perf_counter() - started:.1f} s\n")
+    footer = format_targets(report, targets) + (notes() if notes is not None else "")
+    report.emit(json_only=args.json_only, footer=footer)
+    return 0
 
 
 def format_targets(report: Report, targets: Sequence[Target]) -> str:

@@ -67,11 +67,10 @@ from ._harness import (
     Children,
     Report,
     Target,
-    format_targets,
-    interrupt_on_sigterm,
     median,
     parse_options,
     percentile,
+    run_and_report,
 )
 
 if TYPE_CHECKING:
@@ -494,21 +493,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: run, then print the tables, the targets and the JSON lines."""
     args = _parse(argv)
-    interrupt_on_sigterm()
-    started = time.perf_counter()
-    try:
-        report = run(QUICK if args.quick else FULL, args.systems, progress=not args.json_only)
-    except KeyboardInterrupt:
-        print("interrupted: kernels, servers and Ray shut down", file=sys.stderr)
-        return 130
-    if not args.json_only:
-        mode = "quick" if args.quick else "full"
-        print(
-            f"Astra agent benchmark ({mode}): {os.cpu_count()} CPUs, {WORKERS} workers, "
-            f"Python {platform.python_version()}, {time.perf_counter() - started:.1f} s\n"
-        )
-    report.emit(json_only=args.json_only, footer=format_targets(report, _TARGETS))
-    return 0
+    return run_and_report(
+        args,
+        lambda progress: run(QUICK if args.quick else FULL, args.systems, progress=progress),
+        title="Astra agent benchmark",
+        facts=lambda: (
+            f"{os.cpu_count()} CPUs, {WORKERS} workers, Python {platform.python_version()}"
+        ),
+        interrupted="kernels, servers and Ray shut down",
+        targets=_TARGETS,
+    )
 
 
 if __name__ == "__main__":

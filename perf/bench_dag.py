@@ -70,7 +70,7 @@ import psutil  # type: ignore[import-untyped]
 
 import astra
 
-from ._harness import Report, Target, format_targets, interrupt_on_sigterm, median, parse_options
+from ._harness import Report, Target, median, parse_options, run_and_report
 
 if TYPE_CHECKING:
     import argparse
@@ -497,22 +497,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: run, then print the tables, the targets and the JSON lines."""
     args = _parse(argv)
-    interrupt_on_sigterm()
-    started = time.perf_counter()
-    try:
-        report = run(QUICK if args.quick else FULL, args.systems, progress=not args.json_only)
-    except KeyboardInterrupt:
-        print("interrupted: clusters shut down, shared memory removed", file=sys.stderr)
-        return 130
-    if not args.json_only:
-        mode = "quick" if args.quick else "full"
-        print(
-            f"Astra DAG benchmark ({mode}): {os.cpu_count()} CPUs, {WORKERS} workers each, "
-            f"Python {platform.python_version()}, {time.perf_counter() - started:.1f} s\n"
-        )
-    footer = format_targets(report, _TARGETS) + _notes()
-    report.emit(json_only=args.json_only, footer=footer)
-    return 0
+    return run_and_report(
+        args,
+        lambda progress: run(QUICK if args.quick else FULL, args.systems, progress=progress),
+        title="Astra DAG benchmark",
+        facts=lambda: (
+            f"{os.cpu_count()} CPUs, {WORKERS} workers each, Python {platform.python_version()}"
+        ),
+        interrupted="clusters shut down, shared memory removed",
+        targets=_TARGETS,
+        notes=_notes,
+    )
 
 
 if __name__ == "__main__":

@@ -76,12 +76,11 @@ from ._harness import (
     Children,
     Report,
     Target,
-    format_targets,
-    interrupt_on_sigterm,
     median,
     parse_options,
     percentile,
     pinned,
+    run_and_report,
     two_cpus,
 )
 
@@ -756,23 +755,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: run, then print the tables, the targets and the JSON lines."""
     args = _parse(argv)
-    interrupt_on_sigterm()
     plan = dataclasses.replace(QUICK if args.quick else FULL, pin_rtt=not args.no_pin)
-    started = time.perf_counter()
-    try:
-        report = run(plan, args.groups, progress=not args.json_only)
-    except KeyboardInterrupt:
-        print("interrupted: children reaped, shared memory removed", file=sys.stderr)
-        return 130
-    if not args.json_only:
-        mode = "quick" if args.quick else "full"
-        print(
-            f"Astra IPC benchmark ({mode}): {os.cpu_count()} CPUs, Python "
-            f"{platform.python_version()}, numpy {np.__version__}, "
-            f"{time.perf_counter() - started:.1f} s\n"
-        )
-    report.emit(json_only=args.json_only, footer=format_targets(report, _TARGETS))
-    return 0
+    return run_and_report(
+        args,
+        lambda progress: run(plan, args.groups, progress=progress),
+        title="Astra IPC benchmark",
+        facts=lambda: (
+            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, numpy {np.__version__}"
+        ),
+        interrupted="children reaped, shared memory removed",
+        targets=_TARGETS,
+    )
 
 
 if __name__ == "__main__":

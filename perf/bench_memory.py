@@ -75,11 +75,10 @@ from kernel.memory import MemoryStore
 from ._harness import (
     Report,
     Target,
-    format_targets,
-    interrupt_on_sigterm,
     median,
     parse_options,
     percentile,
+    run_and_report,
 )
 
 if TYPE_CHECKING:
@@ -494,28 +493,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
 
 
+def _facts() -> str:
+    tmp = tempfile.gettempdir()
+    return (
+        f"{os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, numpy {np.__version__}, LMDB "
+        f"{'.'.join(map(str, lmdb.version()))}, SQLite {sqlite3.sqlite_version}, "
+        f"files in {tmp} ({_fs_type(os.path.realpath(tmp))})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: run, then print the tables, the targets and the JSON lines."""
     args = _parse(argv)
-    interrupt_on_sigterm()
-    started = time.perf_counter()
-    try:
-        report = run(QUICK if args.quick else FULL, args.groups, progress=not args.json_only)
-    except KeyboardInterrupt:
-        print("interrupted: temporary files removed, redis-server stopped", file=sys.stderr)
-        return 130
-    if not args.json_only:
-        mode = "quick" if args.quick else "full"
-        tmp = tempfile.gettempdir()
-        print(
-            f"Astra memory benchmark ({mode}): {os.cpu_count()} CPUs, Python "
-            f"{platform.python_version()}, numpy {np.__version__}, LMDB "
-            f"{'.'.join(map(str, lmdb.version()))}, SQLite {sqlite3.sqlite_version}, "
-            f"files in {tmp} ({_fs_type(os.path.realpath(tmp))}), "
-            f"{time.perf_counter() - started:.1f} s\n"
-        )
-    report.emit(json_only=args.json_only, footer=format_targets(report, _TARGETS))
-    return 0
+    return run_and_report(
+        args,
+        lambda progress: run(QUICK if args.quick else FULL, args.groups, progress=progress),
+        title="Astra memory benchmark",
+        facts=_facts,
+        interrupted="temporary files removed, redis-server stopped",
+        targets=_TARGETS,
+    )
 
 
 if __name__ == "__main__":

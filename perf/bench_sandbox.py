@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Final
 from sandbox import Policy, Runner, WarmPool
 from sandbox.landlock import abi_version
 
-from ._harness import Report, Target, format_targets, median, percentile
+from ._harness import Report, Target, median, percentile, run_and_report
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -215,21 +215,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: run, then print the tables, the targets and the JSON lines."""
     args = _parse(argv)
-    started = time.perf_counter()
-    try:
-        report = run(QUICK if args.quick else FULL, progress=not args.json_only)
-    except KeyboardInterrupt:
-        print("interrupted: pools closed, children reaped", file=sys.stderr)
-        return 130
-    if not args.json_only:
-        mode = "quick" if args.quick else "full"
-        print(
-            f"Astra sandbox benchmark ({mode}): {os.cpu_count()} CPUs, Python "
-            f"{platform.python_version()}, Linux {platform.release()}, Landlock ABI "
-            f"{abi_version()}, uid {os.geteuid()}, {time.perf_counter() - started:.1f} s\n"
-        )
-    report.emit(json_only=args.json_only, footer=format_targets(report, _TARGETS))
-    return 0
+    return run_and_report(
+        args,
+        lambda progress: run(QUICK if args.quick else FULL, progress=progress),
+        title="Astra sandbox benchmark",
+        facts=lambda: (
+            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, Linux "
+            f"{platform.release()}, Landlock ABI {abi_version()}, uid {os.geteuid()}"
+        ),
+        interrupted="pools closed, children reaped",
+        targets=_TARGETS,
+    )
 
 
 if __name__ == "__main__":

@@ -37,10 +37,11 @@ Protocol (each step says what makes it correct):
 5. *Death and close.* Waits are cut into ``LIVENESS_INTERVAL_S`` slices; between slices the
    writer checks that the reader lives and the reader reaps lanes whose owner died or
    retired (a retired lane at once; a dead owner, found in /proc, at most every
-   ``REAP_INTERVAL_S`` when a reader polls an empty ring in a loop). Reaping delivers every frame the owner had published, drops the chunks of a frame
-   it never finished (the reader never returns a torn frame), restores the lane's ``spaces``
-   count (a writer killed between taking a slot and publishing it leaks that count), and
-   frees the lane for a new writer. On a ring with ``close_on_writer_exit`` (the default for a
+   ``REAP_INTERVAL_S`` when a reader polls an empty ring in a loop). Reaping delivers every
+   frame the owner had published, drops the chunks of a frame it never finished (the reader
+   never returns a torn frame), restores the lane's ``spaces`` count (a writer killed
+   between taking a slot and publishing it leaks that count), and frees the lane for a new
+   writer. On a ring with ``close_on_writer_exit`` (the default for a
    single lane) the writer's exit closes the ring instead: the reader gets
    ``RingClosedError`` once it has drained it. ``close()`` on the reader closes the ring for
    writers, who get ``RingClosedError``.

@@ -806,12 +806,24 @@ class _Agent:
     def tool(
         self, name: str, args: tuple[object, ...], kwargs: Mapping[str, object]
     ) -> asyncio.Future[object]:
-        call_tool = getattr(self.host._outbox, "call_tool", None)
-        if call_tool is None:
+        return self._outbox_call("call_tool", "tools", name, args, kwargs)
+
+    def _outbox_call(
+        self,
+        method: str,
+        what: str,
+        name: str,
+        args: tuple[object, ...],
+        kwargs: Mapping[str, object],
+    ) -> asyncio.Future[object]:
+        """The Outbox's optional ``method`` (``call_tool``, ``call_service``) for this agent;
+        a future failed with ``AgentError`` where the host offers none (no ``what``)."""
+        call = getattr(self.host._outbox, method, None)
+        if call is None:
             future: asyncio.Future[object] = self.host._loop.create_future()
-            future.set_exception(AgentError("this agent host runs no tools"))
+            future.set_exception(AgentError(f"this agent host runs no {what}"))
             return future
-        result: asyncio.Future[object] = call_tool(self.id, name, args, dict(kwargs))
+        result: asyncio.Future[object] = call(self.id, name, args, dict(kwargs))
         return result
 
     def plugin(self, name: str) -> object:
@@ -824,13 +836,7 @@ class _Agent:
     def service(
         self, name: str, args: tuple[object, ...], kwargs: Mapping[str, object]
     ) -> asyncio.Future[object]:
-        call_service = getattr(self.host._outbox, "call_service", None)
-        if call_service is None:
-            future: asyncio.Future[object] = self.host._loop.create_future()
-            future.set_exception(AgentError("this agent host runs no plugins"))
-            return future
-        result: asyncio.Future[object] = call_service(self.id, name, args, dict(kwargs))
-        return result
+        return self._outbox_call("call_service", "plugins", name, args, kwargs)
 
 
 # ---- Helpers: copying values, agent state ----

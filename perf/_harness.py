@@ -35,11 +35,13 @@ __all__ = [
     "Target",
     "format_targets",
     "interrupt_on_sigterm",
+    "latency_us",
     "lower_is_better",
     "median",
     "parse_options",
     "percentile",
     "pinned",
+    "rate",
     "run_and_report",
     "two_cpus",
 ]
@@ -93,6 +95,30 @@ def percentile(values: Sequence[float], q: float) -> float:
     s = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(s)))
     return s[rank - 1]
+
+
+def rate(n: int, reps: int, run_once: Callable[[], object]) -> float:
+    """``n`` operations per second: the median of ``reps`` timed ``run_once()`` (each doing
+    ``n``) after one untimed warm-up (it ships functions, faults in rings and pages)."""
+    run_once()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run_once()
+        times.append(time.perf_counter() - t0)
+    return n / median(times)
+
+
+def latency_us(rounds: int, warmup: int, call_once: Callable[[], object]) -> tuple[float, float]:
+    """(p50, p99) in microseconds of ``rounds`` timed ``call_once()`` after ``warmup``."""
+    for _ in range(warmup):
+        call_once()
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        call_once()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return percentile(samples, 50), percentile(samples, 99)
 
 
 def lower_is_better(unit: str) -> bool:

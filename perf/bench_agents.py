@@ -67,9 +67,9 @@ from ._harness import (
     Children,
     Report,
     Target,
-    median,
+    latency_us,
     parse_options,
-    percentile,
+    rate,
     run_and_report,
 )
 
@@ -175,27 +175,6 @@ def _importable(cls: type[astra.Agent]) -> type[astra.Agent]:
 # ---- Measuring helpers ----
 
 
-def _rate(n: int, reps: int, run_once: Callable[[], object]) -> float:
-    run_once()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - t0)
-    return n / median(times)
-
-
-def _latency(rounds: int, call_once: Callable[[], object]) -> tuple[float, float]:
-    for _ in range(ASK_WARMUP):
-        call_once()
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        call_once()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return percentile(samples, 50), percentile(samples, 99)
-
-
 def _counted(
     n: int, send_all: Callable[[], object], total: Callable[[], int]
 ) -> Callable[[], None]:
@@ -229,7 +208,7 @@ def _bench_astra(report: Report, plan: Plan) -> None:
     echo_cls = _importable(Echo)
     with astra.Kernel(workers=WORKERS) as k:
         one = k.spawn(echo_cls)
-        p50, p99 = _latency(plan.rounds, lambda: one.ask("echo", 1).result())
+        p50, p99 = latency_us(plan.rounds, ASK_WARMUP, lambda: one.ask("echo", 1).result())
         _add_ask(report, "astra", "astra ask", p50, p99)
         refs = [k.spawn(echo_cls, worker=i) for i in range(WORKERS)]
         n = plan.asks
@@ -244,18 +223,16 @@ def _bench_astra(report: Report, plan: Plan) -> None:
                 f.result()
 
         label = f"astra, {n:,} asks over {WORKERS} agents (1/worker)"
-        report.add("ask_async_20k", "astra", _rate(n, plan.reps, spread), "calls/s", label=label)
+        report.add("ask_async_20k", "astra", rate(n, plan.reps, spread), "calls/s", label=label)
         label = f"astra, {n:,} asks to 1 agent"
-        report.add(
-            "ask_async_20k", "astra_one", _rate(n, plan.reps, single), "calls/s", label=label
-        )
+        report.add("ask_async_20k", "astra_one", rate(n, plan.reps, single), "calls/s", label=label)
         n = plan.tells
 
         def tell_all() -> None:
             for i in range(n):
                 one.tell("note", i)
 
-        tells = _rate(n, plan.reps, _counted(n, tell_all, lambda: _int(one.ask("total").result())))
+        tells = rate(n, plan.reps, _counted(n, tell_all, lambda: _int(one.ask("total").result())))
         report.add("tell_rate", "astra", tells, "msgs/s", label=f"astra, {n:,} tells + 1 ask")
     _bench_astra_spawn(report)
 
@@ -337,7 +314,7 @@ def _bench_pipe_workloads(report: Report, plan: Plan, conn: Connection) -> None:
         return _int(conn.recv())
 
     label = "mp.Pipe server (send/recv)"
-    _add_ask(report, "mp_pipe", label, *_latency(plan.rounds, lambda: ask(1)))
+    _add_ask(report, "mp_pipe", label, *latency_us(plan.rounds, ASK_WARMUP, lambda: ask(1)))
     n = plan.asks
 
     def pipelined() -> None:
@@ -348,7 +325,7 @@ def _bench_pipe_workloads(report: Report, plan: Plan, conn: Connection) -> None:
         for _ in range(min(n, PIPE_WINDOW)):
             conn.recv()
 
-    report.add("ask_async_20k", "mp_pipe", _rate(n, plan.reps, pipelined), "calls/s",
+    report.add("ask_async_20k", "mp_pipe", rate(n, plan.reps, pipelined), "calls/s",
                label=f"mp.Pipe server, {n:,} pipelined ({PIPE_WINDOW} in flight)")  # fmt: skip
     n = plan.tells
 
@@ -356,7 +333,7 @@ def _bench_pipe_workloads(report: Report, plan: Plan, conn: Connection) -> None:
         for i in range(n):
             conn.send(("note", i))
 
-    tells = _rate(n, plan.reps, _counted(n, note_all, total))
+    tells = rate(n, plan.reps, _counted(n, note_all, total))
     report.add(
         "tell_rate", "mp_pipe", tells, "msgs/s", label=f"mp.Pipe server, {n:,} sends + 1 ask"
     )
@@ -409,19 +386,22 @@ def _bench_ray_actor(report: Report, plan: Plan, actor: Any) -> None:
 
     ray.get(actor.echo.remote(0))  # the actor's process is up
     _add_ask(
-        report, "ray", "Ray actor", *_latency(plan.rounds, lambda: ray.get(actor.echo.remote(1)))
+        report,
+        "ray",
+        "Ray actor",
+        *latency_us(plan.rounds, ASK_WARMUP, lambda: ray.get(actor.echo.remote(1))),
     )
     n = plan.ray_asks
-    rate = _rate(n, plan.reps, lambda: ray.get([actor.echo.remote(i) for i in range(n)]))
+    asks = rate(n, plan.reps, lambda: ray.get([actor.echo.remote(i) for i in range(n)]))
     label = f"Ray, {n:,} .remote() then ray.get(list), 1 actor"
-    report.add("ask_async_20k", "ray", rate, "calls/s", label=label, config=f"{n} asks")
+    report.add("ask_async_20k", "ray", asks, "calls/s", label=label, config=f"{n} asks")
     n = plan.ray_tells
 
     def note_all() -> None:
         for i in range(n):
             actor.note.remote(i)
 
-    tells = _rate(n, plan.reps, _counted(n, note_all, lambda: _int(ray.get(actor.total.remote()))))
+    tells = rate(n, plan.reps, _counted(n, note_all, lambda: _int(ray.get(actor.total.remote()))))
     label = f"Ray, {n:,} .remote() + 1 ray.get"
     report.add("tell_rate", "ray", tells, "msgs/s", label=label, config=f"{n} tells")
 

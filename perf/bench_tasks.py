@@ -46,9 +46,10 @@ import astra
 from ._harness import (
     Report,
     Target,
+    latency_us,
     median,
     parse_options,
-    percentile,
+    rate,
     run_and_report,
 )
 
@@ -87,27 +88,6 @@ def noop(x: object = None) -> object:
 # ---- Measuring helpers ----
 
 
-def _rate(n: int, reps: int, run_once: Callable[[], object]) -> float:
-    run_once()  # warm-up: ships the function, faults in the rings
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - t0)
-    return n / median(times)
-
-
-def _latency(rounds: int, call_once: Callable[[], object]) -> tuple[float, float]:
-    for _ in range(SYNC_WARMUP):
-        call_once()
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        call_once()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return percentile(samples, 50), percentile(samples, 99)
-
-
 def _add_all(
     report: Report, system: str, label: str, figs: dict[str, float], config: str = ""
 ) -> None:
@@ -131,9 +111,9 @@ def _bench_astra(report: Report, plan: Plan) -> None:
                 k.submit(noop, 1).result()
                 first = (time.perf_counter() - t0) * 1e3
     with astra.Kernel(workers=WORKERS) as k:
-        submit = _rate(n, plan.reps, lambda: k.gather([k.submit(noop, i) for i in range(n)]))
-        mapped = _rate(n, plan.reps, lambda: k.map(noop, range(n)))
-        p50, p99 = _latency(plan.sync_rounds, lambda: k.submit(noop, 1).result())
+        submit = rate(n, plan.reps, lambda: k.gather([k.submit(noop, i) for i in range(n)]))
+        mapped = rate(n, plan.reps, lambda: k.map(noop, range(n)))
+        p50, p99 = latency_us(plan.sync_rounds, SYNC_WARMUP, lambda: k.submit(noop, 1).result())
     _add_all(report, "astra", "astra submit", {"noop_10k": submit, "sync_p50": p50,
              "sync_p99": p99, "first_result": first, "ready": median(ready)})  # fmt: skip
     report.add("noop_10k_map", "astra_map", mapped, "tasks/s", label="astra map")
@@ -154,10 +134,10 @@ def _bench_pool(report: Report, plan: Plan) -> None:
             for r in [pool.apply_async(noop, (i,)) for i in range(n)]:
                 r.get()
 
-        submit = _rate(n, plan.reps, apply_async)
-        imap = _rate(n, plan.reps, lambda: list(pool.imap(noop, range(n))))
-        pmap = _rate(n, plan.reps, lambda: pool.map(noop, range(n)))
-        p50, p99 = _latency(plan.sync_rounds, lambda: pool.apply(noop, (1,)))
+        submit = rate(n, plan.reps, apply_async)
+        imap = rate(n, plan.reps, lambda: list(pool.imap(noop, range(n))))
+        pmap = rate(n, plan.reps, lambda: pool.map(noop, range(n)))
+        p50, p99 = latency_us(plan.sync_rounds, SYNC_WARMUP, lambda: pool.apply(noop, (1,)))
     _add_all(report, "mp_pool", "mp.Pool apply_async", {"noop_10k": submit, "sync_p50": p50,
              "sync_p99": p99, "first_result": first})  # fmt: skip
     report.add("noop_10k_map", "mp_imap", imap, "tasks/s", label="mp.Pool imap")
@@ -178,9 +158,9 @@ def _bench_ppe(report: Report, plan: Plan) -> None:
             for f in [ex.submit(noop, i) for i in range(n)]:
                 f.result()
 
-        submit = _rate(n, plan.reps, submit_all)
-        mapped = _rate(n, plan.reps, lambda: list(ex.map(noop, range(n))))
-        p50, p99 = _latency(plan.sync_rounds, lambda: ex.submit(noop, 1).result())
+        submit = rate(n, plan.reps, submit_all)
+        mapped = rate(n, plan.reps, lambda: list(ex.map(noop, range(n))))
+        p50, p99 = latency_us(plan.sync_rounds, SYNC_WARMUP, lambda: ex.submit(noop, 1).result())
     _add_all(report, "ppe", "ProcessPoolExecutor", {"noop_10k": submit, "sync_p50": p50,
              "sync_p99": p99, "first_result": first})  # fmt: skip
     report.add("noop_10k_map", "ppe_map", mapped, "tasks/s", label="ProcessPoolExecutor map")
@@ -215,9 +195,11 @@ def _bench_dask(report: Report, plan: Plan) -> None:
             def submit_all() -> None:
                 client.gather([client.submit(noop, i, pure=False) for i in range(n)])
 
-            submit = _rate(n, plan.reps, submit_all)
-            p50, p99 = _latency(
-                plan.sync_rounds // 5, lambda: client.submit(noop, 1, pure=False).result()
+            submit = rate(n, plan.reps, submit_all)
+            p50, p99 = latency_us(
+                plan.sync_rounds // 5,
+                SYNC_WARMUP,
+                lambda: client.submit(noop, 1, pure=False).result(),
             )
     finally:
         cluster.close()
@@ -239,8 +221,8 @@ def _bench_ray(report: Report, plan: Plan) -> None:
         remote: Any = ray.remote(noop)
         ray.get(remote.remote(1))
         first = (time.perf_counter() - t0) * 1e3
-        submit = _rate(n, plan.reps, lambda: ray.get([remote.remote(i) for i in range(n)]))
-        p50, p99 = _latency(plan.sync_rounds // 5, lambda: ray.get(remote.remote(1)))
+        submit = rate(n, plan.reps, lambda: ray.get([remote.remote(i) for i in range(n)]))
+        p50, p99 = latency_us(plan.sync_rounds // 5, SYNC_WARMUP, lambda: ray.get(remote.remote(1)))
     finally:
         ray.shutdown()
     _add_all(report, "ray", "Ray", {"noop_10k": submit, "sync_p50": p50, "sync_p99": p99,

@@ -11,11 +11,12 @@ the order sent.
 
 from __future__ import annotations
 
-__all__ = ["SPAWN_TIMEOUT_S", "AgentRef", "Agents"]
+__all__ = ["AGENT_HOLD_S", "AGENT_LOW_WATER", "SPAWN_TIMEOUT_S", "AgentRef", "Agents"]
 
 import contextlib
 import itertools
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -50,8 +51,18 @@ if TYPE_CHECKING:
 
     from ._client import Client
 
+#: Argument types sent with plain ``pickle`` (no walk for arrays to put in the arena).
+_PLAIN: Final = frozenset({int, float, str, bytes, bool, type(None)})
 #: How long ``spawn`` waits for the worker to build the agent.
 SPAWN_TIMEOUT_S: Final = float(os.getenv("ASTRA_SPAWN_TIMEOUT_S", "30"))
+#: Agent messages are batched like task submits (astra/_client.py, ``LOW_WATER``), by
+#: their own count: while this many asks to a worker are unanswered, asks and tells to it
+#: gather into batches of ``SEND_BATCH`` (one ring slot for many), sent when full, when
+#: answers come back (by whichever thread takes them), when anyone waits on a future, or
+#: at the latest about ``AGENT_HOLD_S`` later (the receiver thread). Below it, and for
+#: spawns, stops and publishes always, a message goes at once.
+AGENT_LOW_WATER: Final = 8
+AGENT_HOLD_S: Final = 0.001
 
 _TRANSLATE: Final[dict[type[BaseException], type[Exception]]] = {
     actors.AgentNotFoundError: AgentNotFoundError,
@@ -107,9 +118,15 @@ class Agents:
         self._client = client
         self._registry: Registry | None = None
         self._lock = threading.Lock()
-        self._calls: dict[int, tuple[Future[object], int]] = {}  # call id -> (future, worker)
+        # call id -> its future, whose ``worker`` is where the call went. Changed by several
+        # threads without a lock: each change is one dict operation (atomic in CPython).
+        self._calls: dict[int, Future[object]] = {}
         self._ids = itertools.count(1)
-        self._last_msg_id = 0
+        # Message ids increase per sender (kernel/actors.py); a client is a new sender each
+        # time it registers (its slot's generation is in the name), so a counter will do.
+        self._msg_ids = itertools.count(time.time_ns())
+        self._origin = client_origin(client._slot, client._gen)
+        self._sender = f"c{client._slot}.{client._gen}"
         self._rr = 0
         # name -> (worker, that worker's generation), as last seen in the registry: a hint,
         # dropped when the worker was replaced since. A worker that no longer hosts the agent
@@ -122,30 +139,24 @@ class Agents:
             self._registry = Registry.open(self._client._kinst)
         return self._registry
 
-    def _origin(self) -> int:
-        return client_origin(self._client._slot, self._client._gen)
-
-    def _sender(self) -> str:
-        return f"c{self._client._slot}.{self._client._gen}"
-
-    def _msg_id(self) -> int:
-        with self._lock:
-            self._last_msg_id = max(self._last_msg_id + 1, time.time_ns())
-            return self._last_msg_id
-
     # ---- Calls ----
 
     def _new_call(self, worker: int) -> tuple[int, Future[object]]:
         call_id = next(self._ids)
         future: Future[object] = Future(self._client, -call_id, self._client._future_cond)
-        with self._lock:
-            self._calls[call_id] = (future, worker)
+        future.worker = worker
+        self._calls[call_id] = future
         return call_id, future
 
     def _send(self, worker: int, frame: bytes) -> None:
+        """Send a frame now, after the agent messages held for ``worker``."""
         client = self._client
         client._check_usable()
-        client._push(client._links[worker], [frame])
+        link = client._links[worker]
+        with link.agent_lock:
+            handoff = client._put_agent_frame(link, frame, hold=False)
+        if handoff:
+            client._hand_over(link)
 
     def spawn(
         self,
@@ -179,7 +190,7 @@ class Agents:
             datas = [shipping.dumps(a) for a in argses]
         except shipping.ShippingError as exc:
             raise SerializationError(str(exc)) from exc.__cause__
-        origin = self._origin()
+        origin = self._origin
         started: list[tuple[str, int, Future[object]]] = []
         frames: dict[int, list[bytes]] = {}
         try:
@@ -202,7 +213,13 @@ class Agents:
             client = self._client
             client._check_usable()
             for place, batch in frames.items():
-                client._push(client._links[place], batch)
+                link = client._links[place]
+                handoff = False
+                with link.agent_lock:
+                    for i, frame in enumerate(batch, 1):
+                        handoff |= client._put_agent_frame(link, frame, hold=i < len(batch))
+                if handoff:
+                    client._hand_over(link)
             deadline = time.monotonic() + SPAWN_TIMEOUT_S
             for _, _, future in started:
                 future.exception(max(0.0, deadline - time.monotonic()))
@@ -257,25 +274,57 @@ class Agents:
         ask: bool,
         timeout: float | None,
     ) -> Future[object]:
-        worker = self._locate(name)
-        if worker < 0:
-            exc = AgentNotFoundError(f"no agent named {name!r}")
-            if not ask:
-                raise exc
-            failed: Future[object] = Future()
-            failed.set_exception(exc)
-            return failed
-        data, refs = self._pack(worker, args, kwargs)
-        call_id, future = self._new_call(worker) if ask else (0, Future[object]())
-        frame = encode(AgentCall(
-            self._origin(), call_id, name, method, data, self._sender(), self._msg_id(), ask,
-            timeout or 0.0, "", refs,
-        ))  # fmt: skip
+        # The hot path of every ask and tell: about 1.5 us of this process's time matter
+        # (bench_agents' async asks), so the common case is written out flat.
+        client = self._client
+        hint = self._where.get(name)
+        if hint is not None and client._control.worker_generation(hint[0]) == hint[1]:
+            worker = hint[0]
+        else:
+            worker = self._locate(name)
+            if worker < 0:
+                exc = AgentNotFoundError(f"no agent named {name!r}")
+                if not ask:
+                    raise exc
+                failed: Future[object] = Future()
+                failed.set_exception(exc)
+                return failed
+        plain = not kwargs
+        for a in args:  # a loop, not any(): no generator to allocate
+            if type(a) not in _PLAIN:
+                plain = False
+                break
+        if plain:
+            data, refs = pickle.dumps((args, kwargs), protocol=5), False
+        else:
+            data, refs = self._pack(worker, args, kwargs)
+        client._check_usable()
+        link = client._links[worker]
+        calls = self._calls
+        # While asks of ours are unanswered, this message may wait for company
+        # (AGENT_LOW_WATER). Numbered and queued under the link's lock, so that message ids
+        # reach the ring in increasing order (a persisted agent takes a message whose id is
+        # not above the last one it handled for a duplicate).
+        hold = len(calls) >= AGENT_LOW_WATER
+        if ask:
+            call_id = next(self._ids)
+            future: Future[object] = Future(client, -call_id, client._future_cond)
+            future.worker = worker
+            calls[call_id] = future
+        else:
+            call_id, future = 0, Future()
         try:
-            self._send(worker, frame)
+            with link.agent_lock:
+                frame = encode(AgentCall(
+                    self._origin, call_id, name, method, data, self._sender,
+                    next(self._msg_ids), ask, timeout or 0.0, "", refs,
+                ))  # fmt: skip
+                handoff = client._put_agent_frame(link, frame, hold=hold)
         except BaseException:
-            self._forget(call_id)
+            calls.pop(call_id, None)
             raise
+        if handoff:
+            client._hand_over(link)
         if not ask:
             future.set_result(None)
         return future
@@ -321,9 +370,7 @@ class Agents:
             data = shipping.dumps(payload)
         except shipping.ShippingError as exc:
             raise SerializationError(str(exc)) from exc.__cause__
-        frame = encode(
-            AgentCall(self._origin(), 0, "", "", data, self._sender(), 0, False, 0.0, topic)
-        )
+        frame = encode(AgentCall(self._origin, 0, "", "", data, self._sender, 0, False, 0.0, topic))
         for worker in range(self._client.workers):
             self._send(worker, frame)
 
@@ -333,7 +380,7 @@ class Agents:
         if worker < 0:
             raise AgentNotFoundError(f"no agent named {name!r}")
         call_id, future = self._new_call(worker)
-        self._send(worker, encode(StopAgent(self._origin(), call_id, name, kill)))
+        self._send(worker, encode(StopAgent(self._origin, call_id, name, kill)))
         future.result(timeout)
 
     def rows(self, timeout: float | None) -> list[dict[str, object]]:
@@ -342,7 +389,7 @@ class Agents:
         asks = []
         for worker in range(self._client.workers):
             call_id, future = self._new_call(worker)
-            self._send(worker, encode(ListAgents(self._origin(), call_id)))
+            self._send(worker, encode(ListAgents(self._origin, call_id)))
             asks.append((worker, future))
         rows: list[dict[str, object]] = []
         for worker, future in asks:
@@ -354,17 +401,14 @@ class Agents:
         return sorted(rows, key=lambda r: str(r["name"]))
 
     def _forget(self, call_id: int) -> None:
-        with self._lock:
-            self._calls.pop(call_id, None)
+        self._calls.pop(call_id, None)
 
     # ---- Replies (the client's receiving thread) ----
 
     def on_reply(self, msg: AgentReply) -> None:
-        with self._lock:
-            entry = self._calls.pop(msg.call_id, None)
-        if entry is None:
+        future = self._calls.pop(msg.call_id, None)
+        if future is None:
             return
-        future = entry[0]
         if msg.ok:
             try:
                 value = shipping.loads(msg.payload)
@@ -378,17 +422,20 @@ class Agents:
     def on_worker_lost(self, index: int) -> None:
         for name in [n for n, (w, _) in self._where.items() if w == index]:
             self._where.pop(name, None)
-        with self._lock:
-            lost = [cid for cid, (_, w) in self._calls.items() if w == index]
-            futures = [self._calls.pop(cid)[0] for cid in lost]
-        for future in futures:
-            future.set_exception(AgentCrashedError(f"worker w{index:02d} died"))
+        # _calls changes under other threads without a lock (single dict operations are
+        # atomic): copy it in one operation, then pop each entry (a reply may win).
+        calls = self._calls
+        for call_id, future in list(calls.items()):
+            if future.worker == index and calls.pop(call_id, None) is not None:
+                future.set_exception(AgentCrashedError(f"worker w{index:02d} died"))
 
     def fail_all(self, exc: BaseException) -> None:
-        with self._lock:
-            futures = [f for f, _ in self._calls.values()]
-            self._calls.clear()
-        for future in futures:
+        calls = self._calls
+        while calls:
+            try:
+                future = calls.popitem()[1]
+            except KeyError:  # emptied by another thread meanwhile
+                break
             if not future.done():
                 future.set_exception(exc)
 

@@ -65,7 +65,7 @@ from kernel.tools import AuditEntry, CapabilityError, ToolSpec, read_audit, tool
 from kernel.worker import ARENA_THRESHOLD_BYTES
 
 from . import _deps
-from ._agents import AgentRef, Agents
+from ._agents import AGENT_HOLD_S, AgentRef, Agents
 from ._errors import (
     KernelNotRunningError,
     RemoteError,
@@ -152,6 +152,10 @@ class _WorkerLink:
     # while ``flushing`` (the dispatcher owns sending them; submitters only append).
     outbox: list[bytes] = dataclasses.field(default_factory=list)
     flushing: bool = False  # the dispatcher is sending the outbox (blocking)
+    # Agent messages held back (astra/_agents.py, ``AGENT_LOW_WATER``), in order, and the
+    # lock that orders them (taken before ``cond``).
+    agent_unsent: list[bytes] = dataclasses.field(default_factory=list)
+    agent_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     cond: threading.Condition = dataclasses.field(default_factory=threading.Condition)
 
 
@@ -197,6 +201,7 @@ class Client:
         self._graveyard: list[RingWriter] = []
         self._rr = 0
         self._last_check = time.monotonic()
+        self._rx_parked = False  # the receiver thread waits with no agent batch held
         self._slot, self._gen = control.register(own_instance.id, self._pid)
         # This client's row of the hot-path metrics (kernel/kmetrics.py), under self._lock.
         table = control.metrics
@@ -768,6 +773,10 @@ class Client:
         """Send the waiting batches: all of them, or (``every=False``, after replies were
         taken) those of workers whose queue fell below ``LOW_WATER``. Never blocks."""
         links = self._links
+        for link in links:
+            if link.agent_unsent:
+                self._send_agent_unsent(wait=False)
+                break
         if not any(link.unsent for link in links):
             return
         with self._lock:
@@ -785,24 +794,71 @@ class Client:
         dispatcher sends the rest (blocking) while later frames queue behind them, to go
         many to a slot. A dead worker's ring drops them: its ``WorkerLost`` re-sends.
 
-        Lock order: the client lock, then a link's ``cond``; the receiver thread never
-        takes a ``cond``, so a send blocked here cannot stop replies from being drained.
+        Lock order: the client lock, then a link's ``cond``. The receiver thread takes a
+        ``cond`` only to send held agent messages, never waiting in it, so a send blocked
+        here cannot stop replies from being drained.
         """
         with link.cond:
-            if link.flushing:
-                link.outbox += frames
+            handoff = self._push_locked(link, frames)
+        if handoff:
+            self._hand_over(link)
+
+    def _push_locked(self, link: _WorkerLink, frames: list[bytes], *, wait: bool = True) -> bool:
+        """``_push`` with ``link.cond`` held; True: call ``_hand_over(link)`` once it is
+        released. ``wait=False``: never wait for the outbox to shrink (the receiver)."""
+        if link.flushing:
+            link.outbox += frames
+            if wait:
                 self._backpressure(link)
-                return
-            try:
-                link.writer.send_many(frames, timeout=0)
-                return
-            except RingFull as exc:
-                link.outbox = frames[exc.sent :]
-                link.flushing = True
-            except RingClosedError:
-                return
+            return False
+        try:
+            link.writer.send_many(frames, timeout=0)
+            return False
+        except RingFull as exc:
+            link.outbox = frames[exc.sent :]
+            link.flushing = True
+            return True
+        except RingClosedError:
+            return False
+
+    def _hand_over(self, link: _WorkerLink) -> None:
         self._start_dispatcher()
         self._dispatch_q.put(link)
+
+    def _put_agent_frame(self, link: _WorkerLink, frame: bytes, *, hold: bool) -> bool:
+        """With ``link.agent_lock`` held: send ``frame`` after the agent messages held for
+        ``link``, or (``hold``) hold it with them until the batch is full. True: call
+        ``_hand_over(link)`` once the lock is released."""
+        unsent = link.agent_unsent
+        unsent.append(frame)
+        if hold and len(unsent) < SEND_BATCH:
+            if len(unsent) == 1 and self._rx_parked:
+                # The receiver thread sleeps for RECV_SLICE_S: make it take the short
+                # wait that bounds how long this batch is held (see _receive).
+                self._rx_parked = False
+                with contextlib.suppress(IPCError):
+                    self._wake.send_nowait(encode(Wake()))
+            return False
+        link.agent_unsent = []
+        with link.cond:
+            return self._push_locked(link, unsent)
+
+    def _send_agent_unsent(self, *, wait: bool = True) -> None:
+        """Send the agent messages every link holds. ``wait=False`` (the receiver thread,
+        or a thread in ``_lead``): never wait, skipping a link whose lock another thread
+        holds (it may be waiting for room in the ring that only drained replies make; a
+        batch skipped goes with the next replies or ``AGENT_HOLD_S`` later)."""
+        for link in self._links:
+            if not link.agent_unsent or not link.agent_lock.acquire(blocking=wait):
+                continue
+            try:
+                with link.cond:
+                    frames, link.agent_unsent = link.agent_unsent, []
+                    handoff = bool(frames) and self._push_locked(link, frames, wait=wait)
+            finally:
+                link.agent_lock.release()
+            if handoff:
+                self._hand_over(link)
 
     def _backpressure(self, link: _WorkerLink) -> None:
         # Called holding link.cond. Bounds the outbox: the submitter waits for the ring.
@@ -907,7 +963,16 @@ class Client:
         reader = self._reader
         while True:
             try:
-                rung = reader.wait_readable(RECV_SLICE_S, spin=False)
+                # Held agent messages bound the wait: they go at the latest AGENT_HOLD_S
+                # from now. Set the flag first: a batch begun after the check wakes us.
+                self._rx_parked = True
+                held = any(link.agent_unsent for link in self._links)
+                if held:
+                    self._rx_parked = False
+                try:
+                    rung = reader.wait_readable(AGENT_HOLD_S if held else RECV_SLICE_S, spin=False)
+                finally:
+                    self._rx_parked = False
                 with self._rx_lock:
                     self._handle_batch(decode_frames(reader.recv_ready(4096, rung=rung)))
                 self._send_unsent(every=False)
@@ -958,19 +1023,36 @@ class Client:
         """Plain results complete under one lock round per batch (the common case);
         everything else goes through ``_handle`` in order."""
         done: list[tuple[int, object]] = []
+        answers: list[tuple[Future[object], object]] = []  # agents' answers to our asks
+        calls = self._agents._calls
         for msg in msgs:
-            if type(msg) is TaskDone and msg.ref is None:
+            kind = type(msg)
+            if kind is TaskDone and msg.ref is None:  # type: ignore[attr-defined]
                 try:
-                    done.append((msg.task_id, pickle.loads(msg.result)))  # type: ignore[arg-type]
+                    done.append((msg.task_id, pickle.loads(msg.result)))  # type: ignore[attr-defined]
                     continue
                 except Exception:
                     pass  # _on_done turns it into a SerializationError
+            elif kind is AgentReply and msg.ok:  # type: ignore[attr-defined]
+                future = calls.get(msg.call_id)  # type: ignore[attr-defined]
+                if future is not None:
+                    try:
+                        answers.append((future, pickle.loads(msg.payload)))  # type: ignore[attr-defined]
+                        del calls[msg.call_id]  # type: ignore[attr-defined]
+                        continue
+                    except Exception:
+                        pass  # on_reply turns it into a SerializationError
             if done:
                 self._finish_many(done)
                 done = []
+            if answers:
+                Future._set_results(self._future_cond, answers)
+                answers = []
             self._handle(msg)
         if done:
             self._finish_many(done)
+        if answers:
+            Future._set_results(self._future_cond, answers)
 
     def _finish_many(self, done: list[tuple[int, object]]) -> None:
         tasks = self._tasks
@@ -1189,6 +1271,8 @@ class Client:
         slot is freed and this client's segments removed. Safe to call twice."""
         if self._closed or os.getpid() != self._pid:
             return
+        with contextlib.suppress(IPCError):
+            self._send_agent_unsent()  # held tells go out: they were sent as far as callers know
         self._stop_threads()
         self._closed = True
         atexit.unregister(self.close)

@@ -195,7 +195,8 @@ class AgentService:
         if here:
             with self._shared.borrow() as held:
                 if held:
-                    self._held = {}
+                    if self._held is None:  # else a flush is already scheduled: join it
+                        self._held = {}
                     try:
                         # Behind whatever is ready already (a batch the steal responder
                         # handed over, waiters for mailbox room): per-sender order holds.
@@ -208,7 +209,8 @@ class AgentService:
 
     def _release_held(self) -> None:
         held, self._held = self._held, None
-        self._send_held(held or {})
+        if held:
+            self._send_held(held)
 
     def _send_held(self, held: dict[tuple[int, int], list[bytes]]) -> None:
         for (slot, generation), frames in held.items():
@@ -444,10 +446,12 @@ class AgentService:
         worker, slot, generation = decode_origin(origin)
         if worker < 0:
             held = self._held
-            if held is not None:
-                held.setdefault((slot, generation), []).append(frame)
-            else:
-                self._worker.send_to_client(slot, generation, [frame])
+            if held is None:
+                # On the loop thread: the replies of this loop iteration go together, one
+                # ring write per client, when the next iteration starts.
+                held = self._held = {}
+                self._loop.call_soon(self._release_held)
+            held.setdefault((slot, generation), []).append(frame)
             return
         if not self._worker.send_to_worker(worker, frame):
             log_event(_log, logging.WARNING, "reply_lost", worker=f"w{worker:02d}")

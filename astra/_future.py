@@ -46,6 +46,7 @@ class _LazyList:
             return self
         made: list[Any] = []
         setattr(instance, self.name, made)  # an instance attribute hides us from now on
+        instance._lists = True  # type: ignore[attr-defined]
         return made
 
 
@@ -75,20 +76,25 @@ class Future(concurrent.futures.Future[T]):
         # so a wake-up meant for another future is harmless.
         self._condition = condition if condition is not None else threading.Condition()
         self._state = _PENDING
-        self._result = None
-        self._exception: BaseException | None = None
-        # _waiters and _done_callbacks: made on first use (_LazyList)
+        # _result, _exception, label, worker: the class's defaults below until set;
+        # _waiters and _done_callbacks: made on first use (_LazyList).
         self._owner = owner
         self.task_id = task_id
-        self.label = ""  # what ran: the function's qualified name (errors name it)
-        self.worker = -1  # the worker that produced the result; -1 until then
 
+    _result = None
+    _exception: BaseException | None = None
+    label = ""  #: what ran: the function's qualified name (errors name it)
+    worker = -1  #: the worker that produced the result (an agent's, for an ask); -1 until then
     _waiters = _LazyList()
     _done_callbacks = _LazyList()
+    _lists = False  # True once either was made
 
     def result(self, timeout: float | None = None) -> T:
         """The task's result, waiting up to ``timeout`` seconds (None: forever). Raises the
         task's exception, ``concurrent.futures.CancelledError`` or ``TimeoutError``."""
+        if self._state == "FINISHED" and self._exception is None:
+            # Set before the state, under the condition: no lock needed to read it now.
+            return self._result  # type: ignore[return-value]
         self._wait(timeout)
         return super().result(0)
 
@@ -124,18 +130,19 @@ class Future(concurrent.futures.Future[T]):
         """Complete many futures sharing ``condition`` at once: one lock round and one
         wake-up per batch instead of per future (the receiver thread's hot path). Does what
         ``set_result`` does, skipping futures already cancelled."""
-        done = []
+        watched = []  # the futures with waiters or callbacks (most have neither)
         with condition:
             for future, value in results:
                 if future._state != _PENDING:
                     continue  # cancelled meanwhile: the result is dropped
-                future._result = value
+                future._result = value  # type: ignore[assignment]
                 future._state = "FINISHED"
-                for waiter in future._waiters:
-                    waiter.add_result(future)
-                done.append(future)
+                if future._lists:
+                    for waiter in future._waiters:
+                        waiter.add_result(future)
+                    watched.append(future)
             condition.notify_all()
-        for future in done:
+        for future in watched:
             if future._done_callbacks:
                 future._invoke_callbacks()  # type: ignore[attr-defined]
 

@@ -260,15 +260,16 @@ class ReplyTo(msgspec.Struct, frozen=True, array_like=True, gc=False):
     call_id: int  #: the waiter's call number, unique per origin
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Message:
+class Message(msgspec.Struct, frozen=True):
     """One mailbox item: a call of ``method`` or, when ``topic`` is set, a published event
-    (``args == (payload,)``). Built by the worker from ring frames or by the host itself."""
+    (``args == (payload,)``). Built by the worker from ring frames or by the host itself.
+    A ``msgspec.Struct``, not a dataclass: a frozen dataclass takes 0.6 us to build, a
+    tenth of a worker's whole share of an ask; this takes 0.07."""
 
     sender: str  #: stable id of the sender (an agent id, a client's id); "" if anonymous
     method: str = ""  #: the handler to call; "" for an event
     args: tuple[object, ...] = ()  #: positional arguments (already unpickled)
-    kwargs: Mapping[str, object] = dataclasses.field(default_factory=lambda: _NO_KWARGS)
+    kwargs: Mapping[str, object] = msgspec.field(default_factory=lambda: _NO_KWARGS)
     reply_to: ReplyTo | None = None  #: where the answer goes; None for a tell or an event
     msg_id: int = 0  #: per-sender increasing id for deduplication; 0 for none
     topic: str = ""  #: the event's topic; "" for a call
@@ -1120,15 +1121,28 @@ class AgentHost:
             raise AgentNotFoundError(f"agent {agent_id!r} is stopping")
         return rec
 
-    def post(self, agent_id: str, msg: Message) -> bool:
+    def post(self, agent_id: str, msg: Message, *, now: bool = False) -> bool:
         """Queue ``msg`` for agent ``agent_id``; False if its mailbox is full (nothing was
         queued: wait with ``put``, or fail the ask with ``MailboxFullError``). The worker's
         entry point for messages from rings; arguments are not copied.
+
+        ``now``: if the agent is idle (nothing queued, no handler running) and not
+        persisted, handle ``msg`` on this stack, as the drain that queueing would schedule
+        would, minus the trip through the loop's ready queue (a quarter of a worker's
+        cost of an ask). An ``async def`` handler still continues in a task.
 
         Raises:
             AgentNotFoundError: no such agent, or it is stopping.
         """
         rec = self._live(agent_id)
+        if now and rec.state is AgentState.IDLE and rec.persist is None and not rec.mailbox:
+            rec.state = AgentState.RUNNING
+            if self._handle(rec, msg):
+                if rec.mailbox:
+                    self._drain(rec)  # what the handler queued (say, a restart's START)
+                elif not rec.gone:
+                    rec.state = AgentState.IDLE
+            return True
         if not rec.mailbox.offer(msg):
             return False
         self._schedule(rec)
@@ -1194,7 +1208,7 @@ class AgentHost:
 
     def _send(self, target: str, msg: Message) -> None:
         if msg.sender:  # an anonymous sender's ids could collide with another's: none
-            msg = dataclasses.replace(msg, msg_id=self.new_msg_id())
+            msg = msgspec.structs.replace(msg, msg_id=self.new_msg_id())
         agent_id = self.lookup(target)
         if agent_id is None:
             self._outbox.deliver(target, msg)
@@ -1203,7 +1217,7 @@ class AgentHost:
         if msg.args or msg.kwargs:
             copied = _isolate((msg.args, dict(msg.kwargs)))
             args, kwargs = cast("tuple[tuple[object, ...], dict[str, object]]", copied)
-            msg = dataclasses.replace(msg, args=args, kwargs=kwargs)
+            msg = msgspec.structs.replace(msg, args=args, kwargs=kwargs)
         if not rec.mailbox.offer(msg):
             raise MailboxFullError(
                 f"the mailbox of agent {agent_id!r} is full ({rec.mailbox.capacity} messages)"
@@ -1348,7 +1362,7 @@ class AgentHost:
         except Exception as exc:
             self._crashed(rec, item, exc)
             return not rec.gone
-        if inspect.iscoroutine(result):
+        if isinstance(result, types.CoroutineType):  # inspect.iscoroutine, minus a call
             return self._await(rec, item, result)
         self._finished(rec, item, result)
         return not rec.gone

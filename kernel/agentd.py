@@ -347,7 +347,9 @@ class AgentService:
             loaded = (
                 shipping.loads_refs(msg.args, self._view) if msg.refs else shipping.loads(msg.args)
             )
-            args, kwargs = cast("_Args", loaded)
+            args: tuple[object, ...]
+            kwargs: dict[str, object]
+            args, kwargs = loaded  # type: ignore[misc]  # (what cast() says, minus a call)
         except shipping.ShippingError as exc:
             self._refuse(msg, exc)
             return
@@ -356,7 +358,7 @@ class AgentService:
         waiting = self._overflow.get(agent_id)
         if waiting is None:
             try:
-                if host.post(agent_id, message):
+                if host.post(agent_id, message, now=True):
                     return
             except AgentError as exc:
                 self._refuse(msg, exc)

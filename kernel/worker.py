@@ -132,6 +132,8 @@ FLUSH_EVERY: Final = 64
 MAX_REPLY_BYTES: Final = 48 << 20
 
 _Key = tuple[int, int]  # (client slot, task id)
+#: The frames the agent service takes (kernel/agentd.py).
+_AGENT_FRAMES: Final = frozenset({AgentCall, AgentReply, SpawnAgent, StopAgent, ListAgents})
 
 # The plain (not async) task this process is running: (control, client, worker, task id).
 _current: tuple[ControlBlock, int, int, int] | None = None
@@ -308,7 +310,9 @@ class Worker:
         submitted: list[RunTask] = []  # for the plugins' task_submitted listeners, if any
         with self._heap_lock:
             for msg in decode_frames(frames):
-                if isinstance(msg, RunTask):
+                if type(msg) in _AGENT_FRAMES:  # first: agent messages come by the thousand
+                    agent_msgs.append(msg)  # type: ignore[arg-type]
+                elif isinstance(msg, RunTask):
                     if msg.fn is not None:
                         self._fn_src[msg.fn_key] = msg.fn
                         if msg.fn_key not in self._fns:
@@ -325,8 +329,6 @@ class Worker:
                     self._on_steal_reply(msg)
                 elif isinstance(msg, Wake):
                     self._hinted = True
-                elif isinstance(msg, (AgentCall, AgentReply, SpawnAgent, StopAgent, ListAgents)):
-                    agent_msgs.append(msg)
                 elif isinstance(msg, StopWorker):
                     self._draining = True
                     self._stop_now |= not msg.drain

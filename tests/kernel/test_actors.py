@@ -1188,3 +1188,59 @@ def test_agent_hooks_outside_a_host_raise():
         counter.tell("x", "y")
     with pytest.raises(AgentError, match="not running"):
         _ = counter.id
+
+
+# ---- post(now=True): an idle agent handles a message on the poster's stack ----
+
+
+class SelfTeller(Agent):
+    def __init__(self):
+        self.log = []
+
+    def first(self):
+        self.log.append("first")
+        self.tell(self.id, "second")  # queued while this handler runs: handled after it
+        return "ok"
+
+    def second(self):
+        self.log.append("second")
+
+    def history(self):
+        return self.log
+
+
+@in_loop
+async def test_post_now_runs_an_idle_agents_handler_at_once_and_queues_otherwise():
+    Gate.gates["now"] = asyncio.Event()
+    host, outbox = make_host()
+    host.spawn("c", Counter)
+    await settle(host)
+    to = ReplyTo(origin=9, call_id=1)
+    assert host.post("c", Message("s", "add", (5,), reply_to=to), now=True)
+    assert outbox.replies == [(to, True, 5)]  # answered before post returned
+    assert host.stats()[0].state is AgentState.IDLE
+    assert host.stats()[0].handled == 1
+    # Busy (inside an async handler): queued in order, as without now.
+    host.spawn("g", Gate)
+    await settle(host)
+    blocker = host.ask("g", "wait", ("now",))
+    await entered(host, "g", "now")
+    assert host.post("g", Message("s", "note", ("later",)), now=True)
+    assert host._agents["g"].instance.seen == ["now"]
+    Gate.gates["now"].set()
+    assert await blocker == "now"
+    assert await host.ask("g", "notes") == ["now", "later"]
+    # A message the handler sends itself runs after it, not inside it.
+    host.spawn("t", SelfTeller)
+    await settle(host)
+    assert host.post("t", Message("s", "first", reply_to=ReplyTo(9, 2)), now=True)
+    await settle(host)
+    assert await host.ask("t", "history") == ["first", "second"]
+    # A crash inside an inline call is a crash like any other: the ask fails, it restarts.
+    assert host.post("c", Message("s", "boom", reply_to=ReplyTo(9, 3)), now=True)
+    assert outbox.replies[-1][0] == ReplyTo(9, 3)
+    assert outbox.replies[-1][1] is False
+    await settle(host)
+    assert await host.ask("c", "get") == 0
+    assert host.stats()[0].restarts == 1
+    await host.aclose()

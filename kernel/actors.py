@@ -719,6 +719,7 @@ class _Agent:
         "dropped",
         "gone",
         "handled",
+        "handlers",
         "host",
         "id",
         "instance",
@@ -764,6 +765,7 @@ class _Agent:
         self.current: Message | None = None  # the message that task handles
         self.stopped: asyncio.Future[None] | None = None  # set by stop(); done when gone
         self.gone = False  # removed from the host; once set, never cleared
+        self.handlers: frozenset[str] | None = None  # its class's handler names, once looked up
 
     # Context: thin delegations to the host.
 
@@ -1134,11 +1136,14 @@ class AgentHost:
         Raises:
             AgentNotFoundError: no such agent, or it is stopping.
         """
-        rec = self._live(agent_id)
-        if now and rec.state is AgentState.IDLE and rec.persist is None and not rec.mailbox:
+        rec = self._agents.get(agent_id)
+        if rec is None or rec.stopped is not None:
+            rec = self._live(agent_id)  # raises
+        # (mailbox._items, not len(mailbox): a call less on every message's path)
+        if now and rec.state is AgentState.IDLE and rec.persist is None and not rec.mailbox._items:
             rec.state = AgentState.RUNNING
             if self._handle(rec, msg):
-                if rec.mailbox:
+                if rec.mailbox._items:
                     self._drain(rec)  # what the handler queued (say, a restart's START)
                 elif not rec.gone:
                     rec.state = AgentState.IDLE
@@ -1326,27 +1331,33 @@ class AgentHost:
             return True
         if msg.topic:
             on_message = instance.on_message  # type: ignore[attr-defined]
-            return self._invoke(rec, msg, functools.partial(on_message, msg.topic, *msg.args))
-        handlers = self._handlers.get(rec.cls)
-        if handlers is None:
-            handlers = self._handlers[rec.cls] = _handler_names(rec.cls)
+            return self._invoke(rec, msg, on_message, (msg.topic, *msg.args))
+        handlers = rec.handlers
+        if handlers is None:  # the class's, looked up once per class and once per agent
+            handlers = self._handlers.get(rec.cls)
+            if handlers is None:
+                handlers = self._handlers[rec.cls] = _handler_names(rec.cls)
+            rec.handlers = handlers
         if msg.method not in handlers:
             error = UnknownMethodError(f"{rec.cls.__qualname__} has no method {msg.method!r}")
             self._refuse(rec, msg, error)
             return True
         method = getattr(instance, msg.method)
-        return self._invoke(rec, msg, functools.partial(method, *msg.args, **msg.kwargs))
+        return self._invoke(rec, msg, method, msg.args, msg.kwargs)
 
     def _invoke(
         self,
         rec: _Agent,
         item: Message | _Control,
-        call: Callable[[], object],
+        call: Callable[..., object],  # type: ignore[explicit-any]
+        args: tuple[object, ...] = (),
+        kwargs: Mapping[str, object] = _NO_KWARGS,
     ) -> bool:
-        """Call a handler (its arguments bound by a ``functools.partial``, which adds no
-        frame) or a hook; an ``async def`` one continues in a task."""
+        """Call a handler or a hook (``call(*args, **kwargs)``, so that a ``TypeError`` for
+        arguments that do not fit is raised with no frame below this one); an ``async def``
+        one continues in a task."""
         try:
-            result = call()
+            result = call(*args, **kwargs)
         except AgentExit:
             self._exited(rec, item)
             return not rec.gone

@@ -85,6 +85,9 @@ class KernelState(IntEnum):
     STOPPED = 3  # workers gone; the supervisor is exiting
 
 
+_RUNNING: Final = int(KernelState.RUNNING)  # a plain int: compared on every submit
+
+
 class SlotState(IntEnum):
     FREE = 0  # no client
     ACTIVE = 1  # claimed by the client in pid/start
@@ -188,7 +191,7 @@ class ControlBlock:
     @property
     def running_now(self) -> bool:
         """Whether the state is ``RUNNING`` (the submit fast path: no enum built)."""
-        return bool(self._words[_H_STATE] == KernelState.RUNNING)
+        return self._words[_H_STATE] == _RUNNING
 
     def set_state(self, state: KernelState) -> None:
         """Supervisor only."""
@@ -230,7 +233,9 @@ class ControlBlock:
         self._words[self._w(index, _W_RESTARTS)] += 1
 
     def worker_generation(self, index: int) -> int:
-        return int(self._words[self._w(index, _W_GEN)])
+        # On every agent message's path: one call, not two (see _w).
+        assert 0 <= index < self.workers
+        return self._words[_HEADER_WORDS + index * _ROW_WORDS + _W_GEN]
 
     def worker(self, index: int) -> WorkerRow:
         w = self._words

@@ -1345,11 +1345,11 @@ class AgentHost:
         method = getattr(instance, msg.method)
         return self._invoke(rec, msg, method, msg.args, msg.kwargs)
 
-    def _invoke(
+    def _invoke(  # type: ignore[explicit-any]
         self,
         rec: _Agent,
         item: Message | _Control,
-        call: Callable[..., object],  # type: ignore[explicit-any]
+        call: Callable[..., object],
         args: tuple[object, ...] = (),
         kwargs: Mapping[str, object] = _NO_KWARGS,
     ) -> bool:

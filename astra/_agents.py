@@ -298,7 +298,8 @@ class Agents:
             data, refs = pickle.dumps((args, kwargs), protocol=5), False
         else:
             data, refs = self._pack(worker, args, kwargs)
-        client._check_usable()
+        if not (client._usable and client._control.running_now):
+            client._check_usable()  # raises
         link = client._links[worker]
         calls = self._calls
         # While asks of ours are unanswered, this message may wait for company
@@ -315,11 +316,11 @@ class Agents:
             call_id, future = 0, Future()
         try:
             with link.agent_lock:
-                frame = encode(AgentCall(
+                call = AgentCall(
                     self._origin, call_id, name, method, data, self._sender,
                     next(self._msg_ids), ask, timeout or 0.0, "", refs,
-                ))  # fmt: skip
-                handoff = client._put_agent_frame(link, frame, hold=hold)
+                )  # fmt: skip
+                handoff = client._put_agent_frame(link, call, hold=hold, size=len(data))
         except BaseException:
             calls.pop(call_id, None)
             raise

@@ -40,6 +40,8 @@ from ipc import (
     open_ring,
 )
 from kernel import (
+    AgentCall,
+    AgentReplies,
     AgentReply,
     CancelRun,
     ErrorKind,
@@ -53,6 +55,7 @@ from kernel import (
     cancel_requested,
     decode_frames,
     encode,
+    encode_queue,
     function_key,
     shipping,
     worker_ring,
@@ -111,6 +114,8 @@ OUTBOX_MAX: Final = 4096
 #: falls below this mark (seen by whichever thread takes replies), or when anyone waits.
 LOW_WATER: Final = 32
 SEND_BATCH: Final = 64
+#: Bytes of arguments past which a batch of agent messages goes without waiting to be full.
+AGENT_BATCH_BYTES: Final = 256 * 1024
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -154,7 +159,9 @@ class _WorkerLink:
     flushing: bool = False  # the dispatcher is sending the outbox (blocking)
     # Agent messages held back (astra/_agents.py, ``AGENT_LOW_WATER``), in order, and the
     # lock that orders them (taken before ``cond``).
-    agent_unsent: list[bytes] = dataclasses.field(default_factory=list)
+    # Calls are kept as structs, to go many to one AgentCalls frame (kernel.encode_queue).
+    agent_unsent: list[bytes | AgentCall] = dataclasses.field(default_factory=list)
+    agent_bytes: int = 0  # about how many bytes agent_unsent holds
     agent_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     cond: threading.Condition = dataclasses.field(default_factory=threading.Condition)
 
@@ -197,6 +204,9 @@ class Client:
         self._plugin_cache: list[PluginInfo] | None = None  # the kernel's, read once
         self._closed = False
         self._closing = False
+        # False once closing, broken or forked: the hot paths test this one flag (and the
+        # kernel's state) and call _check_usable, which names the reason, only when it is.
+        self._usable = True
         self._broken: BaseException | None = None
         self._graveyard: list[RingWriter] = []
         self._rr = 0
@@ -234,6 +244,7 @@ class Client:
             target=self._receive, name=f"astra-client-c{self._slot}", daemon=True
         )
         self._receiver.start()
+        _clients.add(self)
         atexit.register(self.close)
 
     def _attach(self, index: int) -> _WorkerLink:
@@ -825,13 +836,17 @@ class Client:
         self._start_dispatcher()
         self._dispatch_q.put(link)
 
-    def _put_agent_frame(self, link: _WorkerLink, frame: bytes, *, hold: bool) -> bool:
-        """With ``link.agent_lock`` held: send ``frame`` after the agent messages held for
-        ``link``, or (``hold``) hold it with them until the batch is full. True: call
-        ``_hand_over(link)`` once the lock is released."""
+    def _put_agent_frame(
+        self, link: _WorkerLink, frame: bytes | AgentCall, *, hold: bool, size: int = 0
+    ) -> bool:
+        """With ``link.agent_lock`` held: send ``frame`` (of about ``size`` bytes, if a
+        struct) after the agent messages held for ``link``, or (``hold``) hold it with
+        them until the batch is full. True: call ``_hand_over(link)`` once the lock is
+        released."""
         unsent = link.agent_unsent
         unsent.append(frame)
-        if hold and len(unsent) < SEND_BATCH:
+        link.agent_bytes += size
+        if hold and len(unsent) < SEND_BATCH and link.agent_bytes < AGENT_BATCH_BYTES:
             if len(unsent) == 1 and self._rx_parked:
                 # The receiver thread sleeps for RECV_SLICE_S: make it take the short
                 # wait that bounds how long this batch is held (see _receive).
@@ -840,8 +855,9 @@ class Client:
                     self._wake.send_nowait(encode(Wake()))
             return False
         link.agent_unsent = []
+        link.agent_bytes = 0
         with link.cond:
-            return self._push_locked(link, unsent)
+            return self._push_locked(link, encode_queue(unsent))
 
     def _send_agent_unsent(self, *, wait: bool = True) -> None:
         """Send the agent messages every link holds. ``wait=False`` (the receiver thread,
@@ -853,8 +869,10 @@ class Client:
                 continue
             try:
                 with link.cond:
-                    frames, link.agent_unsent = link.agent_unsent, []
-                    handoff = bool(frames) and self._push_locked(link, frames, wait=wait)
+                    items, link.agent_unsent, link.agent_bytes = link.agent_unsent, [], 0
+                    handoff = bool(items) and self._push_locked(
+                        link, encode_queue(items), wait=wait
+                    )
             finally:
                 link.agent_lock.release()
             if handoff:
@@ -1033,15 +1051,17 @@ class Client:
                     continue
                 except Exception:
                     pass  # _on_done turns it into a SerializationError
-            elif kind is AgentReply and msg.ok:  # type: ignore[attr-defined]
-                future = calls.get(msg.call_id)  # type: ignore[attr-defined]
-                if future is not None:
-                    try:
-                        answers.append((future, pickle.loads(msg.payload)))  # type: ignore[attr-defined]
-                        del calls[msg.call_id]  # type: ignore[attr-defined]
-                        continue
-                    except Exception:
-                        pass  # on_reply turns it into a SerializationError
+            elif kind is AgentReplies:  # a worker's answers to our asks, many to a frame
+                for reply in msg.replies:  # type: ignore[attr-defined]
+                    if reply.ok and (future := calls.get(reply.call_id)) is not None:
+                        try:
+                            answers.append((future, pickle.loads(reply.payload)))
+                            del calls[reply.call_id]
+                            continue
+                        except Exception:
+                            pass  # on_reply turns it into a SerializationError
+                    self._agents.on_reply(reply)  # (an error reply: rare)
+                continue
             if done:
                 self._finish_many(done)
                 done = []
@@ -1232,6 +1252,7 @@ class Client:
         """Fail every pending future with ``exc``; later submits raise it."""
         if self._broken is None:
             self._broken = exc
+        self._usable = False
         self._agents.fail_all(exc)
         with self._lock:
             ids = list(self._tasks)
@@ -1284,6 +1305,7 @@ class Client:
 
     def _stop_threads(self) -> None:
         self._closing = True
+        self._usable = False
         with contextlib.suppress(IPCError):
             self._wake.send(encode(Wake()), timeout=1.0)
         me = threading.current_thread()
@@ -1345,6 +1367,12 @@ def _grants(
 def _refresh_pid() -> None:
     global _pid
     _pid = os.getpid()
+    for client in _clients:  # the parent's: unusable here
+        client._usable = False
+
+
+#: Every client of this process (weakly): a fork makes them all unusable in the child.
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 os.register_at_fork(after_in_child=_refresh_pid)

@@ -75,12 +75,12 @@ class Future(concurrent.futures.Future[T]):
         # largest cost of submit(). result()/exception() below re-check their own state,
         # so a wake-up meant for another future is harmless.
         self._condition = condition if condition is not None else threading.Condition()
-        self._state = _PENDING
-        # _result, _exception, label, worker: the class's defaults below until set;
+        # _state, _result, _exception, label, worker: the class's defaults below until set;
         # _waiters and _done_callbacks: made on first use (_LazyList).
         self._owner = owner
         self.task_id = task_id
 
+    _state = _PENDING
     _result = None
     _exception: BaseException | None = None
     label = ""  #: what ran: the function's qualified name (errors name it)

@@ -55,6 +55,7 @@ from .kmetrics import KERNEL_METRICS, collect_kernel_metrics, render_kernel_metr
 from .logs import configure_logging, log_event
 from .messages import (
     AgentCall,
+    AgentReplies,
     AgentReply,
     CancelRun,
     ErrorKind,
@@ -68,6 +69,7 @@ from .messages import (
     WorkerLost,
     decode_frames,
     encode,
+    encode_queue,
 )
 from .metrics import MetricSpec, MetricsRow, MetricsServer, MetricsTable, render_prometheus
 from .notify import Notifier
@@ -89,6 +91,7 @@ __all__ = [
     "KERNEL_METRICS",
     "RELOADABLE",
     "AgentCall",
+    "AgentReplies",
     "AgentReply",
     "CancelRun",
     "ClientRow",
@@ -126,6 +129,7 @@ __all__ = [
     "decode_frames",
     "default_state_dir",
     "encode",
+    "encode_queue",
     "fork_supervisor",
     "format_config",
     "function_key",

@@ -77,7 +77,17 @@ from .actors import (
 from .journal import Journal, Table
 from .kmetrics import AGENT_SAMPLE_S, AGENT_STATES
 from .logs import log_event
-from .messages import AgentCall, AgentReply, ListAgents, SpawnAgent, StopAgent, encode
+from .messages import (
+    AgentCall,
+    AgentCalls,
+    AgentReplies,
+    AgentReply,
+    ListAgents,
+    SpawnAgent,
+    StopAgent,
+    encode,
+    encode_queue,
+)
 from .tools import CapabilityError, ToolSpec, refuse, run_tool
 
 if TYPE_CHECKING:
@@ -93,7 +103,12 @@ if TYPE_CHECKING:
 _Args = tuple[tuple[object, ...], dict[str, object]]
 #: Messages for a full mailbox: (message, its frame, deadline on the loop's clock, timeout).
 _Overflow = collections.deque[tuple["Message", "AgentCall", float, float]]
-AgentFrame = SpawnAgent | AgentCall | AgentReply | StopAgent | ListAgents
+AgentFrame = (
+    SpawnAgent | AgentCall | AgentCalls | AgentReply | AgentReplies | StopAgent | ListAgents
+)
+#: Replies held for one client: answers not yet encoded (they go as one ``AgentReplies``
+#: frame) and frames already encoded, in order.
+_Held = dict[tuple[int, int], list[bytes | AgentReply]]
 
 #: How long a tell waits for room in a full mailbox before it is dropped (and logged).
 TELL_WAIT_S: Final = float(os.getenv("ASTRA_TELL_WAIT_S", "5.0"))
@@ -170,7 +185,7 @@ class AgentService:
         self._loop = shared.loop
         # Replies to clients held back while the main thread runs a batch on the borrowed
         # loop, to go one ring write per client: (slot, generation) -> frames.
-        self._held: dict[tuple[int, int], list[bytes]] | None = None
+        self._held: _Held | None = None
         self._overflow: dict[str, _Overflow] = {}  # agent -> messages waiting for room
         self._clients: dict[int, tuple[int, int]] = {}  # origin -> (slot, generation)
         self._counted = (0, 0)  # (handled_total, restarts_total) already in the metrics row
@@ -214,21 +229,22 @@ class AgentService:
         if held:
             self._send_held(held)
 
-    def _send_held(self, held: dict[tuple[int, int], list[bytes]]) -> None:
-        for (slot, generation), frames in held.items():
+    def _send_held(self, held: _Held) -> None:
+        for (slot, generation), items in held.items():
             try:
-                self._worker.send_to_client(slot, generation, frames)
+                self._worker.send_to_client(slot, generation, encode_queue(items))
             except Exception:  # one client's failure must not drop the others' replies
                 log_event(_log, logging.ERROR, "replies_lost", client=slot, exc_info=True)
 
     def _dispatch_all(self, msgs: list[AgentFrame]) -> None:
         for msg in msgs:
-            if type(msg) is AgentCall:  # the common case, one call shorter
-                try:
-                    self._call(msg)
-                except Exception:  # a bug here must not take the loop down
-                    log_event(_log, logging.ERROR, "agent_message_failed", kind="AgentCall",
-                              exc_info=True)  # fmt: skip
+            if type(msg) is AgentCalls:  # a client's batch: the common case, written out
+                for call in msg.calls:
+                    try:
+                        self._call(call)
+                    except Exception:  # a bug here must not take the loop down
+                        log_event(_log, logging.ERROR, "agent_message_failed",
+                                  kind="AgentCall", exc_info=True)  # fmt: skip
             else:
                 self._dispatch(msg)
 
@@ -285,6 +301,12 @@ class AgentService:
                 self._call(msg)
             elif isinstance(msg, AgentReply):
                 self._resolve(msg)
+            elif isinstance(msg, AgentCalls):
+                for call in msg.calls:
+                    self._call(call)
+            elif isinstance(msg, AgentReplies):
+                for reply in msg.replies:
+                    self._resolve(reply)
             elif isinstance(msg, SpawnAgent):
                 self._spawn(msg)
             elif isinstance(msg, ListAgents):
@@ -457,43 +479,43 @@ class AgentService:
     # ---- Sending ----
 
     def _send_to(self, origin: int, frame: bytes) -> None:
-        worker, slot, generation = decode_origin(origin)
-        if worker < 0:
-            held = self._held
-            if held is None:
-                # On the loop thread: the replies of this loop iteration go together, one
-                # ring write per client, when the next iteration starts.
-                held = self._held = {}
-                self._loop.call_soon(self._release_held)
-            held.setdefault((slot, generation), []).append(frame)
+        if origin < 0:
+            self._held_for(origin).append(frame)
             return
+        worker = origin
         if not self._worker.send_to_worker(worker, frame):
             log_event(_log, logging.WARNING, "reply_lost", worker=f"w{worker:02d}")
+
+    def _held_for(self, origin: int) -> list[bytes | AgentReply]:
+        """The replies held for client ``origin`` (< 0). Replies wait for the end of the
+        batch (``on_frames``) or of this loop iteration, to go one ring write per client."""
+        held = self._held
+        if held is None:  # on the loop thread: sent when the next iteration starts
+            held = self._held = {}
+            self._loop.call_soon(self._release_held)
+        client = self._clients.get(origin)
+        if client is None:
+            if len(self._clients) >= 4096:  # clients come and go (a daemon's life)
+                self._clients.clear()
+            _, slot, generation = decode_origin(origin)
+            client = self._clients[origin] = (slot, generation)
+        items = held.get(client)
+        if items is None:
+            items = held[client] = []
+        return items
 
     # ---- Outbox (kernel/actors.py) ----
 
     def reply(self, to: ReplyTo, ok: bool, payload: object) -> None:
-        if ok:  # the common case written out: pack_reply and _send_to cost two calls more
+        if ok and to.origin < 0:  # the common case: held as a struct, encoded with the rest
             try:
-                frame = encode(AgentReply(to.call_id, True, pickle.dumps(payload, protocol=5)))
-            except Exception:
-                frame = pack_reply(to.call_id, ok, payload)  # cloudpickle, or the error
-            if to.origin < 0 and (held := self._held) is not None:
-                client = self._clients.get(to.origin)
-                if client is None:
-                    if len(self._clients) >= 4096:  # clients come and go (a daemon's life)
-                        self._clients.clear()
-                    _, slot, generation = decode_origin(to.origin)
-                    client = self._clients[to.origin] = (slot, generation)
-                frames = held.get(client)
-                if frames is None:
-                    held[client] = [frame]
-                else:
-                    frames.append(frame)
+                answer = AgentReply(to.call_id, True, pickle.dumps(payload, protocol=5))
+            except Exception:  # cloudpickle, or the error, through pack_reply
+                pass
+            else:
+                self._held_for(to.origin).append(answer)
                 return
-        else:
-            frame = pack_reply(to.call_id, ok, payload)
-        self._send_to(to.origin, frame)
+        self._send_to(to.origin, pack_reply(to.call_id, ok, payload))
 
     def deliver(self, target: str, msg: Message) -> None:
         worker = self.registry.lookup(target)

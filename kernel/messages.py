@@ -21,6 +21,8 @@ from __future__ import annotations
 __all__ = [
     "KERNEL_TAGS",
     "AgentCall",
+    "AgentCalls",
+    "AgentReplies",
     "AgentReply",
     "CancelRun",
     "ErrorKind",
@@ -38,15 +40,19 @@ __all__ = [
     "WorkerLost",
     "decode_frames",
     "encode",
+    "encode_queue",
 ]
 
 from enum import IntEnum
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
 from ipc import ArrayRef, CodecError
 from ipc.messages import TaskDone
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 # ---- Calls ----
 
@@ -113,6 +119,19 @@ class AgentReply(msgspec.Struct, frozen=True, tag=210, array_like=True, gc=False
     payload: bytes  #: pickled result, or the pickled exception (b"" if it would not pickle)
     traceback: str = ""  #: the remote traceback of a failure
     message: str = ""  #: "Type: text" of a failure
+
+
+class AgentCalls(msgspec.Struct, frozen=True, tag=213, array_like=True, gc=False):
+    """Many ``AgentCall``s in one frame, in order: a client's batch (astra/_agents.py).
+    One encode and one decode for all of them, not one each."""
+
+    calls: list[AgentCall]
+
+
+class AgentReplies(msgspec.Struct, frozen=True, tag=214, array_like=True, gc=False):
+    """Many ``AgentReply``s in one frame, in order: a worker's answers to one client."""
+
+    replies: list[AgentReply]
 
 
 class StopAgent(msgspec.Struct, frozen=True, tag=211, array_like=True, gc=False):
@@ -218,6 +237,8 @@ KernelMessage = (
     | AgentReply
     | StopAgent
     | ListAgents
+    | AgentCalls
+    | AgentReplies
 )
 
 #: Tag number -> envelope type, for the kernel's own messages (``ipc`` owns 1-199).
@@ -235,6 +256,8 @@ KERNEL_TAGS: Final[dict[int, type[KernelMessage]]] = {
     210: AgentReply,
     211: StopAgent,
     212: ListAgents,
+    213: AgentCalls,
+    214: AgentReplies,
 }
 for _tag, _cls in KERNEL_TAGS.items():
     assert _cls.__struct_config__.tag == _tag, (_cls, _tag)
@@ -242,6 +265,36 @@ for _tag, _cls in KERNEL_TAGS.items():
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(KernelMessage)
 _ = ArrayRef  # carried inside TaskDone
+
+
+def encode_queue(items: Sequence[bytes | AgentCall | AgentReply]) -> list[bytes]:
+    """Frames for a queue of outgoing items, in order: bytes (frames already encoded) as
+    they are; each run of ``AgentCall`` structs one ``AgentCalls`` frame (a run of one: the
+    call's own frame) and each run of ``AgentReply`` structs one ``AgentReplies`` frame."""
+    frames: list[bytes] = []
+    run: list[AgentCall | AgentReply] = []
+    for item in items:
+        if type(item) is bytes:
+            if run:
+                frames.append(_encode_run(run))
+                run = []
+            frames.append(item)
+        elif run and type(run[0]) is not type(item):
+            frames.append(_encode_run(run))
+            run = [item]  # type: ignore[list-item]
+        else:
+            run.append(item)  # type: ignore[arg-type]
+    if run:
+        frames.append(_encode_run(run))
+    return frames
+
+
+def _encode_run(run: list[AgentCall | AgentReply]) -> bytes:
+    if type(run[0]) is AgentReply:
+        return _encoder.encode(AgentReplies(run))  # type: ignore[arg-type]
+    if len(run) == 1:
+        return _encoder.encode(run[0])
+    return _encoder.encode(AgentCalls(run))  # type: ignore[arg-type]
 
 
 #: Encode one kernel envelope (``KernelMessage``) to bytes: the encoder's own method, not a

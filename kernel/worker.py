@@ -74,6 +74,8 @@ from .errors import TaskTimeout
 from .logs import log_event
 from .messages import (
     AgentCall,
+    AgentCalls,
+    AgentReplies,
     AgentReply,
     CancelRun,
     ErrorKind,
@@ -133,7 +135,9 @@ MAX_REPLY_BYTES: Final = 48 << 20
 
 _Key = tuple[int, int]  # (client slot, task id)
 #: The frames the agent service takes (kernel/agentd.py).
-_AGENT_FRAMES: Final = frozenset({AgentCall, AgentReply, SpawnAgent, StopAgent, ListAgents})
+_AGENT_FRAMES: Final = frozenset(
+    {AgentCall, AgentCalls, AgentReply, AgentReplies, SpawnAgent, StopAgent, ListAgents}
+)
 
 # The plain (not async) task this process is running: (control, client, worker, task id).
 _current: tuple[ControlBlock, int, int, int] | None = None

@@ -7,6 +7,9 @@ import pytest
 
 from ipc import MESSAGE_TAGS, ArrayRef, CodecError
 from kernel import (
+    AgentCall,
+    AgentReplies,
+    AgentReply,
     CancelRun,
     ErrorKind,
     RunTask,
@@ -17,8 +20,9 @@ from kernel import (
     WorkerLost,
     decode_frames,
     encode,
+    encode_queue,
 )
-from kernel.messages import KERNEL_TAGS
+from kernel.messages import KERNEL_TAGS, AgentCalls
 
 MESSAGES = [
     RunTask(1, 2, 3, b"k" * 16, b"fn", b"args", priority=5, timeout_s=1.5),
@@ -55,3 +59,19 @@ def test_a_bad_frame_becomes_a_codec_error_in_place():
 def test_a_field_of_the_wrong_type_is_rejected():
     frame = msgspec.msgpack.encode([201, "one", 2])  # CancelRun with a str client
     assert isinstance(decode_frames([frame])[0], CodecError)
+
+
+def test_a_queue_of_calls_replies_and_frames_encodes_in_order_many_to_a_frame():
+    calls = [AgentCall(-1, i, "a", "m", b"x", "c0.1", 100 + i, True) for i in range(3)]
+    replies = [AgentReply(i, True, b"p") for i in range(2)]
+    spawn_reply = encode(AgentReply(9, False, b"", "tb", "E: no"))
+    queue = [*calls[:2], spawn_reply, calls[2], *replies, calls[0]]
+    frames = encode_queue(queue)
+    assert decode_frames(frames) == [
+        AgentCalls(calls[:2]),
+        AgentReply(9, False, b"", "tb", "E: no"),
+        calls[2],  # a run of one call goes as itself
+        AgentReplies(replies),  # replies always go in a batch (clients take them so)
+        calls[0],
+    ]
+    assert encode_queue([]) == []

@@ -345,6 +345,11 @@ class _Spinner:
     __slots__ = ("_adaptive", "_failed_probes", "_max", "_probing", "_short_waits", "budget")
 
     _PROBE_AFTER: Final = 8
+    # At most 8 << 4 = 128 short waits between probes: a slow spell (say, agents being
+    # built) must not turn spinning off for thousands of waits once the peer is fast
+    # again (an agent's sync ask stayed at 40 us instead of 23 that way); a failed probe
+    # costs at most ADAPTIVE_SPIN_MAX_US, under 1 us a wait at this spacing.
+    _MAX_BACKOFF: Final = 4
     _MIN_S: Final = 5e-6
 
     def __init__(self, spin_us: float | None) -> None:
@@ -376,13 +381,15 @@ class _Spinner:
 
     def spin(self, sem: posix_ipc.Semaphore, deadline: float | None = None) -> bool:
         """Spin up to the budget for one count of ``sem``, never blocking; adapts the budget
-        to the outcome. False if the spin (or the deadline) ran out, or the budget is 0."""
+        to the outcome (not to a spin the deadline cut short). False if the spin (or the
+        deadline) ran out, or the budget is 0."""
         budget = self.budget
         if budget <= 0:
             return False
         clock = time.monotonic
         t0 = clock()
-        end = t0 + budget if deadline is None else min(t0 + budget, deadline)
+        full = t0 + budget
+        end = full if deadline is None or deadline >= full else deadline
         while clock() < end:
             if sem.value > 0:
                 try:
@@ -393,10 +400,13 @@ class _Spinner:
                     self.budget = min(self._max, max(budget, 2 * (clock() - t0)))
                     self._probing, self._failed_probes = False, 0
                 return True
-        if self._adaptive:
+        # Only a spin that ran its whole budget says the peer is slow: one cut short by the
+        # deadline (a zero-timeout poll of an empty ring, every time a worker goes idle)
+        # says nothing, and halving the budget for it turned spinning off for good.
+        if self._adaptive and end == full:
             if self._probing:
                 self.budget, self._probing = 0.0, False
-                self._failed_probes = min(self._failed_probes + 1, 10)
+                self._failed_probes = min(self._failed_probes + 1, self._MAX_BACKOFF)
             else:
                 half = budget / 2
                 self.budget = half if half >= self._MIN_S else 0.0

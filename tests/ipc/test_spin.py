@@ -88,3 +88,30 @@ def test_a_spin_that_catches_the_peer_keeps_spinning(sem, monkeypatch):
 def test_one_cpu_alive_spins(monkeypatch):
     monkeypatch.setattr(ring.os, "cpu_count", lambda: 1)
     assert _Spinner(None).budget == 0
+
+
+def test_a_spin_cut_short_by_its_deadline_leaves_the_budget_alone(sem, monkeypatch):
+    # A zero-timeout poll of an empty ring (a worker going idle does one each time) says
+    # nothing about the peer: it used to halve the budget, and turned spinning off.
+    monkeypatch.setattr(ring.os, "cpu_count", lambda: 2)
+    sp = _Spinner(None)
+    before = sp.budget
+    for _ in range(20):
+        assert not sp.spin(sem, deadline=time.monotonic())
+        assert not sp.wait(sem, time.monotonic() + 1e-6, _alive)
+    assert sp.budget == before
+
+
+def test_failed_probes_back_off_to_a_bounded_spacing(sem, monkeypatch):
+    monkeypatch.setattr(ring.os, "cpu_count", lambda: 2)
+    sp = _Spinner(None)
+    sp.budget = 0.0
+    for _ in range(12):  # a slow spell: every probe fails
+        while sp.budget == 0:
+            sp._after_block(1e-6)
+        assert not sp.wait(sem, time.monotonic() + 0.002, _alive)
+    waits = 0
+    while sp.budget == 0:  # the next probe still comes within 8 << 4 short waits
+        sp._after_block(1e-6)
+        waits += 1
+    assert waits == _Spinner._PROBE_AFTER << _Spinner._MAX_BACKOFF

@@ -90,12 +90,12 @@ class AgentRef:
         mailbox holds the message back up to ``timeout`` (default 30 s), then the future
         fails with ``MailboxFullError``. Other failures: the handler's exception,
         ``UnknownMethodError``, ``AgentNotFoundError``, ``AgentCrashedError``."""
-        return self._agents.call(self.name, method, args, kwargs, ask=True, timeout=timeout)
+        return self._agents.call(self.name, method, args, kwargs, True, timeout)  # type: ignore[return-value]  # an ask's is never None
 
     def tell(self, method: str, /, *args: object, **kwargs: object) -> None:
         """Send ``method(*args, **kwargs)`` without waiting; handled in the order sent.
         Raises ``AgentNotFoundError`` at once if no agent has the name."""
-        self._agents.call(self.name, method, args, kwargs, ask=False, timeout=None)
+        self._agents.call(self.name, method, args, kwargs, False, None)
 
     def stop(self, timeout: float | None = SPAWN_TIMEOUT_S) -> None:
         """Stop the agent after the messages already in its mailbox; waits."""
@@ -270,10 +270,11 @@ class Agents:
         method: str,
         args: tuple[object, ...],
         kwargs: dict[str, object],
-        *,
         ask: bool,
         timeout: float | None,
-    ) -> Future[object]:
+    ) -> Future[object] | None:
+        """Send a message; an ask's future, or None for a tell (which raises at once if no
+        agent has the name)."""
         # The hot path of every ask and tell: about 1.5 us of this process's time matter
         # (bench_agents' async asks), so the common case is written out flat.
         client = self._client
@@ -306,14 +307,16 @@ class Agents:
         # (AGENT_LOW_WATER). Numbered and queued under the link's lock, so that message ids
         # reach the ring in increasing order (a persisted agent takes a message whose id is
         # not above the last one it handled for a duplicate).
-        hold = len(calls) >= AGENT_LOW_WATER
+        # A tell may also wait while the worker has not read our last ring slot: it
+        # would wait in the ring anyway (the same bound, AGENT_HOLD_S, applies).
+        hold = len(calls) >= AGENT_LOW_WATER or (not ask and link.writer.unread() > 0)
+        future: Future[object] | None = None  # a tell has none
+        call_id = 0
         if ask:
             call_id = next(self._ids)
-            future: Future[object] = Future(client, -call_id, client._future_cond)
+            future = Future(client, -call_id, client._future_cond)
             future.worker = worker
             calls[call_id] = future
-        else:
-            call_id, future = 0, Future()
         try:
             with link.agent_lock:
                 call = AgentCall(
@@ -326,8 +329,6 @@ class Agents:
             raise
         if handoff:
             client._hand_over(link)
-        if not ask:
-            future.set_result(None)
         return future
 
     def _pack(

@@ -769,6 +769,11 @@ class RingWriter:
         read per lane)."""
         return self._ring.depth()
 
+    def unread(self) -> int:
+        """Slots this process published in its lane that the reader has not taken yet (a
+        hint, one semaphore read: the reader is behind when it is not 0)."""
+        return self._items.value if self._lane >= 0 and self._pid == _pid else 0
+
     def statistics(self) -> RingStatistics:
         r = self._ring
         return RingStatistics(

@@ -317,6 +317,8 @@ class Agents:
             future = Future(client, -call_id, client._future_cond)
             future.worker = worker
             calls[call_id] = future
+            if client._rx_lead_parked and len(calls) >= AGENT_LOW_WATER:
+                client._unpark()  # asks pile up unwatched: the receiver must take answers
         try:
             with link.agent_lock:
                 call = AgentCall(

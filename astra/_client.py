@@ -100,6 +100,9 @@ T = TypeVar("T")
 DEFAULT_RETRIES: Final = int(os.getenv("ASTRA_DEFAULT_RETRIES", "3"))
 #: Longest the receiver thread sleeps before checking that the kernel is alive.
 RECV_SLICE_S: Final = 0.25
+#: How long after a synchronous call (``Client._lead``) the receiver thread stays parked
+#: while nothing is awaited, for the next one: it then waits on the reply doorbell again.
+LEAD_LINGER_S: Final = 0.05
 #: Slots and bytes per slot of each lane of a client's inbox ring.
 INBOX_SLOTS: Final = 64
 INBOX_SLOT_BYTES: Final = 16 * 1024
@@ -211,7 +214,19 @@ class Client:
         self._graveyard: list[RingWriter] = []
         self._rr = 0
         self._last_check = time.monotonic()
-        self._rx_parked = False  # the receiver thread waits with no agent batch held
+        self._rx_sleeping = False  # the receiver thread waits with no agent batch held
+        # While a thread leads (_lead), the receiver thread waits on _park, not on the
+        # reply doorbell: as a second waiter it was woken by every answer the leader took,
+        # and then wanted the GIL while the leader ran, which cost a synchronous ask 10 us
+        # one run in two and doubled its p99 (_park_for_lead says when). It is woken
+        # (_unpark) when it is needed: a lead ends with answers still awaited, a future is
+        # watched by other means than result() (a callback, await, done(),
+        # concurrent.futures.wait), or unanswered calls pile up; else when the linger ends.
+        self._park = threading.Condition(threading.Lock())
+        self._leading = False
+        self._lead_end = 0.0  # when the last lead ended (monotonic)
+        self._rx_lead_parked = False
+        self._rx_on_bell = False  # the receiver thread waits on the reply doorbell
         self._slot, self._gen = control.register(own_instance.id, self._pid)
         # This client's row of the hot-path metrics (kernel/kmetrics.py), under self._lock.
         table = control.metrics
@@ -718,6 +733,8 @@ class Client:
         them in their link's batch while the worker is busy (``LOW_WATER``) unless ``now``.
         Blocks only while a worker's outbox is over ``OUTBOX_MAX`` frames."""
         pinned = False
+        if self._rx_lead_parked and len(self._tasks) >= LOW_WATER:
+            self._unpark()  # tasks pile up unwatched: the receiver must take their results
         with self._lock:
             touched: dict[int, _WorkerLink] = {}
             for task in tasks:
@@ -847,10 +864,10 @@ class Client:
         unsent.append(frame)
         link.agent_bytes += size
         if hold and len(unsent) < SEND_BATCH and link.agent_bytes < AGENT_BATCH_BYTES:
-            if len(unsent) == 1 and self._rx_parked:
+            if len(unsent) == 1 and self._rx_sleeping:
                 # The receiver thread sleeps for RECV_SLICE_S: make it take the short
                 # wait that bounds how long this batch is held (see _receive).
-                self._rx_parked = False
+                self._rx_sleeping = False
                 with contextlib.suppress(IPCError):
                     self._wake.send_nowait(encode(Wake()))
             return False
@@ -981,16 +998,22 @@ class Client:
         reader = self._reader
         while True:
             try:
-                # Held agent messages bound the wait: they go at the latest AGENT_HOLD_S
-                # from now. Set the flag first: a batch begun after the check wakes us.
-                self._rx_parked = True
-                held = any(link.agent_unsent for link in self._links)
-                if held:
-                    self._rx_parked = False
-                try:
-                    rung = reader.wait_readable(AGENT_HOLD_S if held else RECV_SLICE_S, spin=False)
-                finally:
-                    self._rx_parked = False
+                if self._park_for_lead():
+                    self._park_receiver()
+                    rung = False  # then take what is ready, without waiting
+                else:
+                    # Held agent messages bound the wait: they go at the latest AGENT_HOLD_S
+                    # from now. Set the flag first: a batch begun after the check wakes us.
+                    self._rx_sleeping = True
+                    held = any(link.agent_unsent for link in self._links)
+                    if held:
+                        self._rx_sleeping = False
+                    self._rx_on_bell = True
+                    try:
+                        timeout = AGENT_HOLD_S if held else RECV_SLICE_S
+                        rung = reader.wait_readable(timeout, spin=False)
+                    finally:
+                        self._rx_sleeping = self._rx_on_bell = False
                 with self._rx_lock:
                     self._handle_batch(decode_frames(reader.recv_ready(4096, rung=rung)))
                 self._send_unsent(every=False)
@@ -1007,6 +1030,30 @@ class Client:
                 self._check_kernel()
                 self._send_unsent()  # a backstop: batches normally go with the replies
 
+    def _park_for_lead(self) -> bool:
+        """Whether the receiver thread should keep off the reply doorbell: a thread leads
+        for the one answer awaited, or none is awaited and a thread led lately (the next
+        synchronous call is likely near). Else it waits on the doorbell."""
+        if self._closing:
+            return False
+        awaited = len(self._tasks) + len(self._agents._calls)
+        if self._leading:
+            return awaited <= 1
+        return awaited == 0 and time.monotonic() - self._lead_end < LEAD_LINGER_S
+
+    def _park_receiver(self) -> None:
+        """Wait on ``_park`` until ``_unpark``, or at most until the linger ends."""
+        with self._park:
+            # The flag before the second look: a lead that ends between the two sees the
+            # flag and notifies (under this lock, so once we wait).
+            self._rx_lead_parked = True
+            try:
+                if self._park_for_lead():
+                    left = self._lead_end + LEAD_LINGER_S - time.monotonic()
+                    self._park.wait(min(RECV_SLICE_S, max(left, 0.001)))
+            finally:
+                self._rx_lead_parked = False
+
     def _lead(self, future: Future[object], deadline: float | None) -> None:
         """Receive in the calling thread, blocked in ``future.result()``, while spinning on
         the reply ring catches replies: a synchronous round trip then costs no wake-up of
@@ -1022,6 +1069,12 @@ class Client:
         reader = self._reader
         if future.worker >= 0 and future.task_id < 0:  # an agent's answer, from that worker
             _step_aside(self._links[future.worker].core)
+        self._leading = True
+        if self._rx_on_bell and len(self._tasks) + len(self._agents._calls) <= 1:
+            # A lone synchronous call: get the receiver off the doorbell (a Wake frame),
+            # where every answer would wake it; it parks until the calls stop.
+            with contextlib.suppress(IPCError):
+                self._wake.send_nowait(encode(Wake()))
         try:
             while future._state not in _FUTURE_DONE:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -1034,7 +1087,19 @@ class Client:
         except (RingClosedError, SegmentError):
             return  # closing or gone: the receiver thread reports it
         finally:
+            self._leading = False
+            self._lead_end = time.monotonic()
             self._lead_lock.release()
+            if self._rx_lead_parked and (
+                future._state not in _FUTURE_DONE or self._tasks or self._agents._calls
+            ):
+                self._unpark()  # answers are still awaited, and nobody leads
+
+    def _unpark(self) -> None:
+        """Wake the receiver thread if it is parked while no thread leads."""
+        if self._rx_lead_parked and not self._leading:
+            with self._park:
+                self._park.notify()
 
     def _note_blocked(self, waited_s: float) -> None:
         self._reader.note_blocked(waited_s)
@@ -1308,6 +1373,8 @@ class Client:
     def _stop_threads(self) -> None:
         self._closing = True
         self._usable = False
+        with self._park:
+            self._park.notify()
         with contextlib.suppress(IPCError):
             self._wake.send(encode(Wake()), timeout=1.0)
         me = threading.current_thread()

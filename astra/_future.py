@@ -26,6 +26,8 @@ _DONE: Final = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
 class _Canceller(Protocol):
     def _cancel_task(self, task_id: int) -> None: ...
 
+    def _unpark(self) -> None: ...
+
 
 class _LazyList:
     """An attribute that is an empty list made on first use: a pending future holds no
@@ -47,6 +49,7 @@ class _LazyList:
         made: list[Any] = []
         setattr(instance, self.name, made)  # an instance attribute hides us from now on
         instance._lists = True  # type: ignore[attr-defined]
+        instance._watch()  # type: ignore[attr-defined]  # a waiter or a callback: watched
         return made
 
 
@@ -146,6 +149,21 @@ class Future(concurrent.futures.Future[T]):
             if future._done_callbacks:
                 future._invoke_callbacks()  # type: ignore[attr-defined]
 
+    def _watch(self) -> None:
+        """Someone watches this future other than through ``result()`` (which takes the
+        answer itself, ``Client._lead``): the client's receiver thread must not stay
+        parked (astra/_client.py)."""
+        owner = self._owner
+        if owner is not None and self._state == _PENDING:
+            owner._unpark()
+
+    def done(self) -> bool:
+        """Whether the future finished (result, exception or cancelled)."""
+        if self._state == _PENDING:
+            self._watch()  # polled: the answer must come in without result()
+            return False
+        return super().done()
+
     def cancel(self) -> bool:
         """Cancel the task; False if it already finished. Never blocks."""
         cancelled = super().cancel()
@@ -155,6 +173,7 @@ class Future(concurrent.futures.Future[T]):
         return cancelled
 
     def __await__(self) -> Generator[object, None, T]:
+        self._watch()
         return asyncio.wrap_future(self).__await__()
 
     def __repr__(self) -> str:

@@ -56,11 +56,12 @@ _PLAIN: Final = frozenset({int, float, str, bytes, bool, type(None)})
 #: How long ``spawn`` waits for the worker to build the agent.
 SPAWN_TIMEOUT_S: Final = float(os.getenv("ASTRA_SPAWN_TIMEOUT_S", "30"))
 #: Agent messages are batched like task submits (astra/_client.py, ``LOW_WATER``), by
-#: their own count: while this many asks to a worker are unanswered, asks and tells to it
-#: gather into batches of ``SEND_BATCH`` (one ring slot for many), sent when full, when
-#: answers come back (by whichever thread takes them), when anyone waits on a future, or
-#: at the latest about ``AGENT_HOLD_S`` later (the receiver thread). Below it, and for
-#: spawns, stops and publishes always, a message goes at once.
+#: their own count: while this many of the client's asks are unanswered (or, for a tell,
+#: while the worker has not read the client's last ring slot), asks and tells gather per
+#: worker into batches of ``SEND_BATCH``, one ``AgentCalls`` frame in one ring slot, sent
+#: when full, when answers come back (by whichever thread takes them), when anyone waits
+#: on a future, or at the latest about ``AGENT_HOLD_S`` later (the receiver thread).
+#: Otherwise, and for spawns, stops and publishes always, a message goes at once.
 AGENT_LOW_WATER: Final = 8
 AGENT_HOLD_S: Final = 0.001
 

@@ -27,7 +27,7 @@ def test_the_table_sets_each_headline_beside_its_peers_with_ratios() -> None:
     rows = [line for line in text.splitlines() if line.startswith(("| agent", "| 20,000"))]
     assert rows == [
         "| agent ask, p50 | 30.0 us | mp_pipe 40.0 us (**0.75x**); ray: not installed |",
-        "| 20,000 asks in flight | 100,000 calls/s | mp_pipe 200,000 calls/s (0.5x) |",
+        "| 20,000 asks in flight, to 1 agent | 100,000 calls/s | mp_pipe 200,000 calls/s (0.5x) |",
     ]
     assert "odd_one" not in text  # not a headline
     assert "odd_one" in render(RECORDS, every=True)

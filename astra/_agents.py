@@ -51,6 +51,12 @@ if TYPE_CHECKING:
 
     from ._client import Client
 
+#: Largest pickled arguments (or function) a task or an agent message may carry: frames stay
+#: under the rings' 64 MiB frame limit. Large numpy arrays do not count: they travel through
+#: the arena.
+MAX_ARGS_BYTES: Final = 48 << 20
+#: Room in a frame for what an ``AgentCall`` carries besides its arguments (names, ids).
+FRAME_MARGIN: Final = 64 * 1024
 #: Argument types sent with plain ``pickle`` (no walk for arrays to put in the arena).
 _PLAIN: Final = frozenset({int, float, str, bytes, bool, type(None)})
 #: How long ``spawn`` waits for the worker to build the agent.
@@ -71,6 +77,7 @@ _TRANSLATE: Final[dict[type[BaseException], type[Exception]]] = {
     actors.AgentCrashedError: AgentCrashedError,
     actors.UnknownMethodError: UnknownMethodError,
     actors.AgentError: AgentError,
+    shipping.ShippingError: SerializationError,  # an answer that would not pickle, too large
 }
 
 
@@ -277,7 +284,12 @@ class Agents:
         """Send a message; an ask's future, or None for a tell (which raises at once if no
         agent has the name)."""
         # The hot path of every ask and tell: about 1.5 us of this process's time matter
-        # (bench_agents' async asks), so the common case is written out flat.
+        # (bench_agents' async asks), so the common case is written out flat. What goes
+        # into the AgentCall is checked here: it may be encoded later, in a batch, on
+        # another thread, where a bad field would sink the batch (and not reach its caller).
+        if type(method) is not str:
+            raise TypeError(f"a method name is a string, not {method!r}")
+        timeout_s = float(timeout) if timeout else 0.0  # (a numpy number, a str: raise now)
         client = self._client
         hint = self._where.get(name)
         if hint is not None and client._control.worker_generation(hint[0]) == hint[1]:
@@ -300,9 +312,10 @@ class Agents:
             data, refs = pickle.dumps((args, kwargs), protocol=5), False
         else:
             data, refs = self._pack(worker, args, kwargs)
-        if not (client._usable and client._control.running_now):
-            client._check_usable()  # raises
         link = client._links[worker]
+        # Within what one frame of the ring carries (it alone, if it is large: a frame too
+        # large would be refused after the held messages before it went out).
+        _check_args_size(data, min(MAX_ARGS_BYTES, link.writer.max_frame - FRAME_MARGIN))
         calls = self._calls
         # While asks of ours are unanswered, this message may wait for company
         # (AGENT_LOW_WATER). Numbered and queued under the link's lock, so that message ids
@@ -317,14 +330,16 @@ class Agents:
             call_id = next(self._ids)
             future = Future(client, -call_id, client._future_cond)
             future.worker = worker
-            calls[call_id] = future
+            calls[call_id] = future  # before the check: a close() from now on fails it
             if client._rx_lead_parked and len(calls) >= AGENT_LOW_WATER:
                 client._unpark()  # asks pile up unwatched: the receiver must take answers
         try:
+            if not (client._usable and client._control.running_now):
+                client._check_usable()  # raises
             with link.agent_lock:
                 call = AgentCall(
                     self._origin, call_id, name, method, data, self._sender,
-                    next(self._msg_ids), ask, timeout or 0.0, "", refs,
+                    next(self._msg_ids), ask, timeout_s, "", refs,
                 )  # fmt: skip
                 handoff = client._put_agent_frame(link, call, hold=hold, size=len(data))
         except BaseException:
@@ -405,6 +420,14 @@ class Agents:
                 })  # fmt: skip
         return sorted(rows, key=lambda r: str(r["name"]))
 
+    def fail_unsent(self, items: list[bytes | AgentCall], exc: BaseException) -> None:
+        """Messages taken from a link's held batch could not be sent: fail their asks."""
+        for item in items:
+            if type(item) is AgentCall and item.call_id:
+                future = self._calls.pop(item.call_id, None)
+                if future is not None:
+                    future.set_exception(AgentError(f"the message was not sent: {exc!r}"))
+
     def _forget(self, call_id: int) -> None:
         self._calls.pop(call_id, None)
 
@@ -449,6 +472,18 @@ class Agents:
         if self._registry is not None:
             self._registry.close()
             self._registry = None
+
+
+def _check_args_size(data: bytes, limit: int | None = None) -> bytes:
+    """``data``, or ``SerializationError`` if it is over ``limit`` (``MAX_ARGS_BYTES``; also
+    for tasks: astra/_client.py)."""
+    limit = MAX_ARGS_BYTES if limit is None else limit
+    if len(data) > limit:
+        raise SerializationError(
+            f"arguments pickle to {len(data)} B, over {limit} B: pass large data as "
+            "numpy arrays (they travel through the arena) or through files"
+        )
+    return data
 
 
 def _translate(msg: AgentReply) -> BaseException:

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import dataclasses
 import itertools
+import logging
 import os
 import pickle
 import queue
@@ -63,12 +64,13 @@ from kernel import (
 from kernel.daemon import default_state_dir
 from kernel.journal import Journal, JournalError
 from kernel.kmetrics import client_row
+from kernel.logs import log_event
 from kernel.plugins import PluginInfo, call_service, read_plugins
 from kernel.tools import AuditEntry, CapabilityError, ToolSpec, read_audit, tool_task
 from kernel.worker import ARENA_THRESHOLD_BYTES
 
 from . import _deps
-from ._agents import AGENT_HOLD_S, AgentRef, Agents
+from ._agents import AGENT_HOLD_S, MAX_ARGS_BYTES, AgentRef, Agents, _check_args_size
 from ._errors import (
     KernelNotRunningError,
     RemoteError,
@@ -94,6 +96,7 @@ if TYPE_CHECKING:
     from .memory import Memory
 
 T = TypeVar("T")
+_log = logging.getLogger("astra.client")
 
 #: Re-runs a task gets, by default, after its worker died under it. An exception raised by
 #: the task itself is never retried.
@@ -106,9 +109,6 @@ LEAD_LINGER_S: Final = 0.05
 #: Slots and bytes per slot of each lane of a client's inbox ring.
 INBOX_SLOTS: Final = 64
 INBOX_SLOT_BYTES: Final = 16 * 1024
-#: Largest pickled arguments (or function) a task may carry: frames stay under the rings'
-#: 64 MiB frame limit. Large numpy arrays do not count: they travel through the arena.
-MAX_ARGS_BYTES: Final = 48 << 20
 #: Frames a worker's outbox holds (while its ring is full) before submitters wait.
 OUTBOX_MAX: Final = 4096
 #: Tasks sent to a worker and not yet finished below which a submit goes out at once; at or
@@ -800,6 +800,8 @@ class Client:
     def _send_unsent(self, *, every: bool = True) -> None:
         """Send the waiting batches: all of them, or (``every=False``, after replies were
         taken) those of workers whose queue fell below ``LOW_WATER``. Never blocks."""
+        if self._pid != _pid:
+            return  # a forked child: the batches are the parent's, sent by the parent
         links = self._links
         for link in links:
             if link.agent_unsent:
@@ -864,17 +866,32 @@ class Client:
         unsent.append(frame)
         link.agent_bytes += size
         if hold and len(unsent) < SEND_BATCH and link.agent_bytes < AGENT_BATCH_BYTES:
-            if len(unsent) == 1 and self._rx_sleeping:
-                # The receiver thread sleeps for RECV_SLICE_S: make it take the short
-                # wait that bounds how long this batch is held (see _receive).
-                self._rx_sleeping = False
-                with contextlib.suppress(IPCError):
-                    self._wake.send_nowait(encode(Wake()))
+            if len(unsent) == 1:
+                # The receiver thread sleeps for RECV_SLICE_S, or is parked: make it take
+                # the short wait that bounds how long this batch is held (see _receive).
+                if self._rx_sleeping:
+                    self._rx_sleeping = False
+                    with contextlib.suppress(IPCError):
+                        self._wake.send_nowait(encode(Wake()))
+                elif self._rx_lead_parked:
+                    self._unpark()
             return False
         link.agent_unsent = []
         link.agent_bytes = 0
-        with link.cond:
-            return self._push_locked(link, encode_queue(unsent))
+        return self._push_unsent(link, unsent, wait=True)
+
+    def _push_unsent(
+        self, link: _WorkerLink, items: list[bytes | AgentCall], *, wait: bool
+    ) -> bool:
+        """Send a link's held agent messages (``agent_lock`` held); if that fails, their
+        asks fail (nothing else would answer them) and the error is raised."""
+        try:
+            frames = encode_queue(items)
+            with link.cond:
+                return self._push_locked(link, frames, wait=wait)
+        except BaseException as exc:
+            self._agents.fail_unsent(items, exc)
+            raise
 
     def _send_agent_unsent(self, *, wait: bool = True) -> None:
         """Send the agent messages every link holds. ``wait=False`` (the receiver thread,
@@ -885,11 +902,10 @@ class Client:
             if not link.agent_unsent or not link.agent_lock.acquire(blocking=wait):
                 continue
             try:
-                with link.cond:
-                    items, link.agent_unsent, link.agent_bytes = link.agent_unsent, [], 0
-                    handoff = bool(items) and self._push_locked(
-                        link, encode_queue(items), wait=wait
-                    )
+                items, link.agent_unsent, link.agent_bytes = link.agent_unsent, [], 0
+                handoff = bool(items) and self._push_unsent(link, items, wait=wait)
+            except Exception:  # its asks failed; the other links' messages still go
+                handoff = False
             finally:
                 link.agent_lock.release()
             if handoff:
@@ -970,6 +986,9 @@ class Client:
                     self._finish(task.id, exc=KernelNotRunningError(str(exc)))
 
     def _cancel_task(self, task_id: int) -> None:
+        if task_id < 0:  # an agent's ask: its answer, when it comes, is dropped
+            self._agents._calls.pop(-task_id, None)
+            return
         with self._lock:
             task = self._tasks.pop(task_id, None)
             if task is None:
@@ -1019,6 +1038,8 @@ class Client:
                 self._send_unsent(every=False)
             except (RingClosedError, SegmentError):
                 return
+            except Exception as exc:  # this thread must live: it answers every future
+                self._broken_send(exc)
             if self._closed:
                 return  # a done-callback on this thread closed the client: rings are gone
             if self._closing:
@@ -1033,8 +1054,9 @@ class Client:
     def _park_for_lead(self) -> bool:
         """Whether the receiver thread should keep off the reply doorbell: a thread leads
         for the one answer awaited, or none is awaited and a thread led lately (the next
-        synchronous call is likely near). Else it waits on the doorbell."""
-        if self._closing:
+        synchronous call is likely near). Else (also while agent messages are held, which
+        it sends within AGENT_HOLD_S) it waits on the doorbell."""
+        if self._closing or any(link.agent_unsent for link in self._links):
             return False
         awaited = len(self._tasks) + len(self._agents._calls)
         if self._leading:
@@ -1061,6 +1083,8 @@ class Client:
         kernel, needs no GIL meanwhile). Returns when ``future`` is done, at the deadline,
         or as soon as a spin comes back empty: the caller then waits on the Condition, and
         the receiver thread does the work. One leading thread at a time."""
+        if self._pid != _pid:
+            return  # a forked child (a future inherited): the rings are the parent's
         self._send_unsent()  # someone waits: nothing may sit in a batch
         if threading.current_thread() is self._receiver:
             return  # a done-callback on the receiver thread: it holds _rx_lock
@@ -1303,6 +1327,11 @@ class Client:
                 return
             self._handle_batch(decode_frames(frames))
 
+    def _broken_send(self, exc: Exception) -> None:
+        """A send on the receiver thread failed unexpectedly (its agent asks were failed):
+        log it and go on."""
+        log_event(_log, logging.ERROR, "client_send_failed", client=self._slot, error=repr(exc))
+
     def _check_kernel(self) -> None:
         """Between slices: is the supervisor alive; did a worker change without notice?"""
         if not self._control.supervisor_alive():
@@ -1360,7 +1389,9 @@ class Client:
         if self._closed or os.getpid() != self._pid:
             return
         with contextlib.suppress(IPCError):
-            self._send_agent_unsent()  # held tells go out: they were sent as far as callers know
+            # Held tells go out: they were sent as far as callers know. Without waiting: a
+            # worker stuck on a long task must not hold close() up.
+            self._send_agent_unsent(wait=False)
         self._stop_threads()
         self._closed = True
         atexit.unregister(self.close)
@@ -1502,15 +1533,6 @@ def _futures_in(
     if len(found) < 2:
         return found  # type: ignore[return-value]
     return list({id(f): f for f in found}.values())  # type: ignore[arg-type]
-
-
-def _check_args_size(data: bytes) -> bytes:
-    if len(data) > MAX_ARGS_BYTES:
-        raise SerializationError(
-            f"arguments pickle to {len(data)} B, over {MAX_ARGS_BYTES} B: pass large data as "
-            "numpy arrays (they travel through the arena) or through files"
-        )
-    return data
 
 
 def _upstream(dep: concurrent.futures.Future[object]) -> UpstreamError:

@@ -769,6 +769,11 @@ class RingWriter:
         read per lane)."""
         return self._ring.depth()
 
+    @property
+    def max_frame(self) -> int:
+        """The largest frame this ring accepts (``FrameTooLargeError`` past it)."""
+        return int(self._ring.max_frame)
+
     def unread(self) -> int:
         """Slots this process published in its lane that the reader has not taken yet (a
         hint, one semaphore read: the reader is behind when it is not 0)."""

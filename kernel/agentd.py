@@ -78,6 +78,7 @@ from .journal import Journal, Table
 from .kmetrics import AGENT_SAMPLE_S, AGENT_STATES
 from .logs import log_event
 from .messages import (
+    MAX_REPLY_BYTES,
     AgentCall,
     AgentCalls,
     AgentReplies,
@@ -168,12 +169,24 @@ def pack_reply(call_id: int, ok: bool, value: object) -> bytes:
     """An encoded ``AgentReply``: ``value`` is the result, or the exception if not ``ok``."""
     if ok:
         try:
-            return encode(AgentReply(call_id, True, shipping.dumps(value)))
+            return encode(AgentReply(call_id, True, _result_bytes(value)))
         except shipping.ShippingError as exc:
             ok, value = False, exc
     assert isinstance(value, BaseException)
     data, tb, text = shipping.pack_exception(value)
     return encode(AgentReply(call_id, False, data, tb, text))
+
+
+def _result_bytes(value: object) -> bytes:
+    """``value`` pickled for a reply. Raises ``ShippingError`` (also when it is larger than
+    ``MAX_REPLY_BYTES``: too large for a ring frame)."""
+    data = shipping.dumps(value)
+    if len(data) > MAX_REPLY_BYTES:
+        raise shipping.ShippingError(
+            f"the answer is {len(data)} B, over the {MAX_REPLY_BYTES} B a reply may carry: "
+            "return large numpy arrays (they travel through the arena) or less"
+        )
+    return data
 
 
 class AgentService:
@@ -237,6 +250,16 @@ class AgentService:
                 log_event(_log, logging.ERROR, "replies_lost", client=slot, exc_info=True)
 
     def _dispatch_all(self, msgs: list[AgentFrame]) -> None:
+        # On the loop thread, the answers of the handlers run here go when the batch is done,
+        # not behind whatever else this loop pass runs (a slow handler of another agent).
+        release = self._held is None  # (a borrowing thread set it: it releases them itself)
+        try:
+            self._dispatch_each(msgs)
+        finally:
+            if release:
+                self._release_held()
+
+    def _dispatch_each(self, msgs: list[AgentFrame]) -> None:
         for msg in msgs:
             if type(msg) is AgentCalls:  # a client's batch: the common case, written out
                 for call in msg.calls:
@@ -249,7 +272,9 @@ class AgentService:
                 self._dispatch(msg)
 
     def close(self) -> None:
-        """Main thread, after the loop stopped: close journals and the registry."""
+        """Main thread, after the loop stopped: send the answers still held, close journals
+        and the registry."""
+        self._release_held()
         for journal in self._journals.values():
             journal.close()
         if self._registry is not None:
@@ -509,12 +534,13 @@ class AgentService:
     def reply(self, to: ReplyTo, ok: bool, payload: object) -> None:
         if ok and to.origin < 0:  # the common case: held as a struct, encoded with the rest
             try:
-                answer = AgentReply(to.call_id, True, pickle.dumps(payload, protocol=5))
+                data = pickle.dumps(payload, protocol=5)
             except Exception:  # cloudpickle, or the error, through pack_reply
                 pass
             else:
-                self._held_for(to.origin).append(answer)
-                return
+                if len(data) <= MAX_REPLY_BYTES:
+                    self._held_for(to.origin).append(AgentReply(to.call_id, True, data))
+                    return
         self._send_to(to.origin, pack_reply(to.call_id, ok, payload))
 
     def deliver(self, target: str, msg: Message) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "KERNEL_TAGS",
+    "MAX_REPLY_BYTES",
     "AgentCall",
     "AgentCalls",
     "AgentReplies",
@@ -267,23 +268,37 @@ _decoder: Final = msgspec.msgpack.Decoder(KernelMessage)
 _ = ArrayRef  # carried inside TaskDone
 
 
+#: Largest pickled result a reply carries (a task's ``TaskDone``, an agent's ``AgentReply``);
+#: a bigger one fails with a serialization error. Under the rings' 64 MiB frame limit, with
+#: room for a batch (``BATCH_FRAME_BYTES``). Numpy arrays travel through the arena instead.
+MAX_REPLY_BYTES: Final = 48 << 20
+#: Bytes of arguments (or answers) past which ``encode_queue`` starts another frame.
+BATCH_FRAME_BYTES: Final = 1 << 20
+
+
 def encode_queue(items: Sequence[bytes | AgentCall | AgentReply]) -> list[bytes]:
     """Frames for a queue of outgoing items, in order: bytes (frames already encoded) as
     they are; each run of ``AgentCall`` structs one ``AgentCalls`` frame (a run of one: the
-    call's own frame) and each run of ``AgentReply`` structs one ``AgentReplies`` frame."""
+    call's own frame) and each run of ``AgentReply`` structs one ``AgentReplies`` frame.
+    A run stops short of ``BATCH_FRAME_BYTES`` of arguments or answers, so that a frame is
+    either that small or one item alone: a batch is never too large for a ring when its
+    items are not (twelve 1 MiB answers in one frame were)."""
     frames: list[bytes] = []
     run: list[AgentCall | AgentReply] = []
+    size = 0
     for item in items:
         if type(item) is bytes:
             if run:
                 frames.append(_encode_run(run))
-                run = []
+                run, size = [], 0
             frames.append(item)
-        elif run and type(run[0]) is not type(item):
+            continue
+        n = len(item.args) if type(item) is AgentCall else len(item.payload)  # type: ignore[union-attr]
+        if run and (type(run[0]) is not type(item) or size + n > BATCH_FRAME_BYTES):
             frames.append(_encode_run(run))
-            run = [item]  # type: ignore[list-item]
-        else:
-            run.append(item)  # type: ignore[arg-type]
+            run, size = [], 0
+        run.append(item)  # type: ignore[arg-type]
+        size += n
     if run:
         frames.append(_encode_run(run))
     return frames

@@ -73,6 +73,7 @@ from .agentd import AgentFrame, AgentService
 from .errors import TaskTimeout
 from .logs import log_event
 from .messages import (
+    MAX_REPLY_BYTES,
     AgentCall,
     AgentCalls,
     AgentReplies,
@@ -129,9 +130,6 @@ ARENA_THRESHOLD_BYTES: Final = int(os.getenv("ASTRA_ARENA_THRESHOLD_BYTES", str(
 POLL_INTERVAL_S: Final = float(os.getenv("ASTRA_WORKER_POLL_INTERVAL_S", "0.001"))
 #: Results buffered per flush at most.
 FLUSH_EVERY: Final = 64
-#: Largest reply frame; a bigger result fails with a serialization error (use numpy arrays,
-#: which go through the arena).
-MAX_REPLY_BYTES: Final = 48 << 20
 
 _Key = tuple[int, int]  # (client slot, task id)
 #: The frames the agent service takes (kernel/agentd.py).

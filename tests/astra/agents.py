@@ -94,3 +94,9 @@ class Keeper(astra.Agent):
 
     def drop(self):
         self.arrays.clear()
+
+
+class Big(astra.Agent):
+    def blob(self, n):
+        """An answer of ``n`` bytes."""
+        return b"y" * n

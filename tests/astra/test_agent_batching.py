@@ -7,12 +7,16 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 
+import numpy as np
 import pytest
 
 import astra
+import astra._agents
 import astra._client
 from astra._agents import AGENT_LOW_WATER
-from tests.astra.agents import Counter, Slow
+from astra.errors import SerializationError
+from ipc import RingWriter
+from tests.astra.agents import Big, Counter, Slow
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.multiprocess
@@ -81,3 +85,69 @@ def test_messages_from_many_threads_reach_a_persisted_agent_once_each(kernel):
     wait_until(lambda: counter.ask("value").result(timeout=60) == 240, timeout_s=30)
     assert len(counter.ask("history").result(timeout=10)) == 240
     assert not any(f.done() for f in blocked)
+
+
+def test_answers_too_large_together_for_one_frame_all_arrive(kernel):
+    # 70 answers of 1 MiB, held for one client, are more than a 64 MiB ring frame: the
+    # worker sends them in several frames (kernel.encode_queue), not one that fails.
+    big = kernel.spawn(Big, worker=0)
+    futures = [big.ask("blob", 1 << 20) for _ in range(70)]
+    assert all(len(f.result(timeout=60)) == 1 << 20 for f in futures)
+
+
+def test_a_bad_message_fails_its_caller_at_once_and_sinks_no_batch(kernel):
+    slow = kernel.spawn(Slow, worker=0)
+    counter = kernel.spawn(Counter, 0, worker=1)
+    _hold_back(kernel, slow)
+    first = counter.ask("add", 1)  # held
+    with pytest.raises(TypeError, match="method name"):
+        counter.ask(7, 1)
+    with pytest.raises(ValueError, match="soon"):
+        counter.ask("add", 1, timeout="soon")
+    numpy_timeout = counter.ask("add", 10, timeout=np.int64(5))  # a number: fine
+    assert first.result(timeout=10) == 1
+    assert numpy_timeout.result(timeout=10) == 11
+    assert kernel._receiver.is_alive()
+
+
+def test_arguments_too_large_fail_alone(kernel, monkeypatch):
+    monkeypatch.setattr(astra._agents, "MAX_ARGS_BYTES", 1 << 20)
+    slow = kernel.spawn(Slow, worker=0)
+    counter = kernel.spawn(Counter, 0, worker=1)
+    _hold_back(kernel, slow)
+    held = [counter.ask("add", k) for k in (1, 2, 3)]
+    with pytest.raises(SerializationError, match="arguments pickle to"):
+        counter.ask("add", b"x" * (2 << 20))
+    assert [f.result(timeout=10) for f in held] == [1, 3, 6]
+
+
+def test_a_tell_held_while_the_receiver_is_parked_still_goes(kernel, monkeypatch):
+    monkeypatch.setattr(astra._client, "LEAD_LINGER_S", 60.0)
+    monkeypatch.setattr(astra._client, "RECV_SLICE_S", 60.0)
+    counter = kernel.spawn(Counter, 0, worker=0)
+    assert counter.ask("add", 1).result(timeout=10) == 1  # the receiver parks
+    wait_until(lambda: kernel._rx_lead_parked, timeout_s=10)
+    monkeypatch.setattr(RingWriter, "unread", lambda self: 1)  # "the worker is behind"
+    counter.tell("add", 2)  # held; nobody waits: only the receiver thread may send it
+    wait_until(lambda: not kernel._links[0].agent_unsent, timeout_s=10)
+    monkeypatch.undo()
+    assert counter.ask("history").result(timeout=10) == [1, 2]
+
+
+def test_a_cancelled_ask_is_forgotten(kernel):
+    slow = kernel.spawn(Slow)
+    future = slow.ask("block", 5)
+    assert future.cancel()
+    assert -future.task_id not in kernel._agents._calls
+
+
+def test_an_answer_over_the_reply_limit_fails_alone(monkeypatch):
+    import kernel.agentd
+
+    monkeypatch.setattr(kernel.agentd, "MAX_REPLY_BYTES", 1 << 20)  # before the fork
+    with astra.Kernel(workers=1) as k:
+        big = k.spawn(Big)
+        small, huge, after = (big.ask("blob", n) for n in (10, 2 << 20, 20))
+        with pytest.raises(SerializationError, match="over the 1048576 B a reply may carry"):
+            huge.result(timeout=10)
+        assert (len(small.result(timeout=10)), len(after.result(timeout=10))) == (10, 20)

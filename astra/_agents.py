@@ -313,9 +313,8 @@ class Agents:
         else:
             data, refs = self._pack(worker, args, kwargs)
         link = client._links[worker]
-        # Within what one frame of the ring carries (it alone, if it is large: a frame too
-        # large would be refused after the held messages before it went out).
-        _check_args_size(data, min(MAX_ARGS_BYTES, link.writer.max_frame - FRAME_MARGIN))
+        if len(data) > link.max_args:  # within one ring frame (astra/_client.py, max_args)
+            _check_args_size(data, link.max_args)  # raises
         calls = self._calls
         # While asks of ours are unanswered, this message may wait for company
         # (AGENT_LOW_WATER). Numbered and queued under the link's lock, so that message ids
@@ -341,7 +340,7 @@ class Agents:
                     self._origin, call_id, name, method, data, self._sender,
                     next(self._msg_ids), ask, timeout_s, "", refs,
                 )  # fmt: skip
-                handoff = client._put_agent_frame(link, call, hold=hold, size=len(data))
+                handoff = client._put_agent_frame(link, call, hold, len(data))
         except BaseException:
             calls.pop(call_id, None)
             raise

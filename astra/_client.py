@@ -65,12 +65,20 @@ from kernel.daemon import default_state_dir
 from kernel.journal import Journal, JournalError
 from kernel.kmetrics import client_row
 from kernel.logs import log_event
+from kernel.messages import BATCH_FRAME_BYTES, AgentCalls
 from kernel.plugins import PluginInfo, call_service, read_plugins
 from kernel.tools import AuditEntry, CapabilityError, ToolSpec, read_audit, tool_task
 from kernel.worker import ARENA_THRESHOLD_BYTES
 
 from . import _deps
-from ._agents import AGENT_HOLD_S, MAX_ARGS_BYTES, AgentRef, Agents, _check_args_size
+from ._agents import (
+    AGENT_HOLD_S,
+    FRAME_MARGIN,
+    MAX_ARGS_BYTES,
+    AgentRef,
+    Agents,
+    _check_args_size,
+)
 from ._errors import (
     KernelNotRunningError,
     RemoteError,
@@ -165,6 +173,9 @@ class _WorkerLink:
     # Calls are kept as structs, to go many to one AgentCalls frame (kernel.encode_queue).
     agent_unsent: list[bytes | AgentCall] = dataclasses.field(default_factory=list)
     agent_bytes: int = 0  # about how many bytes agent_unsent holds
+    # The largest arguments an agent message may carry: it goes in one frame of the ring
+    # (alone, if large: a frame too large would be refused after the held ones went out).
+    max_args: int = 0
     agent_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     cond: threading.Condition = dataclasses.field(default_factory=threading.Condition)
 
@@ -214,6 +225,8 @@ class Client:
         self._graveyard: list[RingWriter] = []
         self._rr = 0
         self._last_check = time.monotonic()
+        self._rx_cpu = -1  # the CPU the receiver thread is kept on (_follow); -1: any
+        self._fed = -1  # the worker the last batch of agent messages began for (_follow)
         self._rx_sleeping = False  # the receiver thread waits with no agent batch held
         # While a thread leads (_lead), the receiver thread waits on _park, not on the
         # reply doorbell: as a second waiter it was woken by every answer the leader took,
@@ -264,8 +277,12 @@ class Client:
 
     def _attach(self, index: int) -> _WorkerLink:
         gen = self._control.worker_generation(index)
-        writer = RingWriter.attach(self._kinst, worker_ring(index, gen))
-        return _WorkerLink(index, gen, writer, core=self._control.worker(index).core)
+        return self._link_for(index, gen, RingWriter.attach(self._kinst, worker_ring(index, gen)))
+
+    def _link_for(self, index: int, generation: int, writer: RingWriter) -> _WorkerLink:
+        link = _WorkerLink(index, generation, writer, core=self._control.worker(index).core)
+        link.max_args = min(MAX_ARGS_BYTES, writer.max_frame - FRAME_MARGIN)
+        return link
 
     # ---- Submitting ----
 
@@ -856,7 +873,7 @@ class Client:
         self._dispatch_q.put(link)
 
     def _put_agent_frame(
-        self, link: _WorkerLink, frame: bytes | AgentCall, *, hold: bool, size: int = 0
+        self, link: _WorkerLink, frame: bytes | AgentCall, hold: bool, size: int = 0
     ) -> bool:
         """With ``link.agent_lock`` held: send ``frame`` (of about ``size`` bytes, if a
         struct) after the agent messages held for ``link``, or (``hold``) hold it with
@@ -867,6 +884,7 @@ class Client:
         link.agent_bytes += size
         if hold and len(unsent) < SEND_BATCH and link.agent_bytes < AGENT_BATCH_BYTES:
             if len(unsent) == 1:
+                self._follow(link)
                 # The receiver thread sleeps for RECV_SLICE_S, or is parked: make it take
                 # the short wait that bounds how long this batch is held (see _receive).
                 if self._rx_sleeping:
@@ -876,17 +894,42 @@ class Client:
                 elif self._rx_lead_parked:
                     self._unpark()
             return False
-        link.agent_unsent = []
-        link.agent_bytes = 0
-        return self._push_unsent(link, unsent, wait=True)
+        size, link.agent_unsent, link.agent_bytes = link.agent_bytes, [], 0
+        return self._push_unsent(link, unsent, size, wait=True)
+
+    def _follow(self, link: _WorkerLink) -> None:
+        """A batch of messages to ``link``'s worker begins (from this thread). If the last
+        one went to that worker too (a stream to one worker), keep this thread off its
+        core (``_step_aside``; batches that alternate between workers would hop each
+        time). And keep the receiver thread on this thread's core: the two share the GIL,
+        so they lose little by sharing a core, and woken by a worker's answer the receiver
+        thread otherwise lands on that worker's core and takes turns with it (asks in
+        flight to one agent: about 270,000 a second that way here, 330,000 to 380,000
+        with both)."""
+        if link.index == self._fed:
+            _step_aside(link.core)
+        self._fed = link.index
+        cpu = _current_cpu()
+        if cpu >= 0 and cpu != self._rx_cpu:
+            self._rx_cpu = cpu
+            tid = self._receiver.native_id
+            if tid is not None:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, {cpu})
 
     def _push_unsent(
-        self, link: _WorkerLink, items: list[bytes | AgentCall], *, wait: bool
+        self, link: _WorkerLink, items: list[bytes | AgentCall], size: int, *, wait: bool
     ) -> bool:
-        """Send a link's held agent messages (``agent_lock`` held); if that fails, their
-        asks fail (nothing else would answer them) and the error is raised."""
+        """Send a link's held agent messages, ``size`` bytes of arguments (``agent_lock``
+        held); if that fails, their asks fail (nothing else would answer them) and the
+        error is raised."""
         try:
-            frames = encode_queue(items)
+            if size <= BATCH_FRAME_BYTES and all(type(item) is AgentCall for item in items):
+                # Calls only (a stream's batch), small enough for one frame: no sorting.
+                one = AgentCalls(items) if len(items) > 1 else items[0]  # type: ignore[arg-type]
+                frames = [encode(one)]
+            else:
+                frames = encode_queue(items)
             with link.cond:
                 return self._push_locked(link, frames, wait=wait)
         except BaseException as exc:
@@ -902,8 +945,9 @@ class Client:
             if not link.agent_unsent or not link.agent_lock.acquire(blocking=wait):
                 continue
             try:
-                items, link.agent_unsent, link.agent_bytes = link.agent_unsent, [], 0
-                handoff = bool(items) and self._push_unsent(link, items, wait=wait)
+                items, size = link.agent_unsent, link.agent_bytes
+                link.agent_unsent, link.agent_bytes = [], 0
+                handoff = bool(items) and self._push_unsent(link, items, size, wait=wait)
             except Exception:  # its asks failed; the other links' messages still go
                 handoff = False
             finally:
@@ -1302,8 +1346,7 @@ class Client:
                 return  # replaced again already; the next notice or check handles it
             self._graveyard.append(link.writer)  # another thread may be sending through it
             lost = [self._tasks[t] for t in link.inflight if t in self._tasks]
-            core = self._control.worker(index).core
-            self._links[index] = _WorkerLink(index, generation, writer, core=core)
+            self._links[index] = self._link_for(index, generation, writer)
             crashed = []
             for task in lost:
                 task.worker = -1

@@ -1123,7 +1123,7 @@ class AgentHost:
             raise AgentNotFoundError(f"agent {agent_id!r} is stopping")
         return rec
 
-    def post(self, agent_id: str, msg: Message, *, now: bool = False) -> bool:
+    def post(self, agent_id: str, msg: Message, now: bool = False) -> bool:
         """Queue ``msg`` for agent ``agent_id``; False if its mailbox is full (nothing was
         queued: wait with ``put``, or fail the ask with ``MailboxFullError``). The worker's
         entry point for messages from rings; arguments are not copied.
@@ -1142,7 +1142,7 @@ class AgentHost:
         # (mailbox._items, not len(mailbox): a call less on every message's path)
         if now and rec.state is AgentState.IDLE and rec.persist is None and not rec.mailbox._items:
             rec.state = AgentState.RUNNING
-            if self._handle(rec, msg):
+            if self._handle_message(rec, msg):
                 if rec.mailbox._items:
                     self._drain(rec)  # what the handler queued (say, a restart's START)
                 elif not rec.gone:
@@ -1317,14 +1317,20 @@ class AgentHost:
 
     def _handle(self, rec: _Agent, item: _Item) -> bool:
         """Run one item; True to go on draining synchronously."""
+        if item is _Control.START:
+            assert rec.instance is not None
+            return self._invoke(rec, item, rec.instance.on_start)
+        if item is _Control.STOP:
+            assert rec.instance is not None
+            return self._stop_now(rec, rec.instance)
+        assert isinstance(item, Message)
+        return self._handle_message(rec, item)
+
+    def _handle_message(self, rec: _Agent, msg: Message) -> bool:
+        """Run one message (``_handle``'s common case, which ``post(now=True)`` calls
+        directly); True to go on draining synchronously."""
         instance = rec.instance
         assert instance is not None
-        if item is _Control.START:
-            return self._invoke(rec, item, instance.on_start)
-        if item is _Control.STOP:
-            return self._stop_now(rec, instance)
-        assert isinstance(item, Message)
-        msg = item
         p = rec.persist
         if p is not None and msg.msg_id and msg.msg_id <= p.seen.get(msg.sender, 0):
             self._duplicate(rec, msg)

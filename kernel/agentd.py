@@ -417,7 +417,7 @@ class AgentService:
         waiting = self._overflow.get(agent_id)
         if waiting is None:
             try:
-                if host.post(agent_id, message, now=True):
+                if host.post(agent_id, message, True):  # now: an idle agent runs it here
                     return
             except AgentError as exc:
                 self._refuse(msg, exc)
@@ -532,16 +532,22 @@ class AgentService:
     # ---- Outbox (kernel/actors.py) ----
 
     def reply(self, to: ReplyTo, ok: bool, payload: object) -> None:
-        if ok and to.origin < 0:  # the common case: held as a struct, encoded with the rest
+        origin = to.origin
+        if ok and origin < 0:  # the common case: held as a struct, encoded with the rest
             try:
                 data = pickle.dumps(payload, protocol=5)
             except Exception:  # cloudpickle, or the error, through pack_reply
                 pass
             else:
                 if len(data) <= MAX_REPLY_BYTES:
-                    self._held_for(to.origin).append(AgentReply(to.call_id, True, data))
+                    held = self._held
+                    client = self._clients.get(origin)
+                    items = None if held is None or client is None else held.get(client)
+                    if items is None:  # (_held_for, written out above for the common case)
+                        items = self._held_for(origin)
+                    items.append(AgentReply(to.call_id, True, data))
                     return
-        self._send_to(to.origin, pack_reply(to.call_id, ok, payload))
+        self._send_to(origin, pack_reply(to.call_id, ok, payload))
 
     def deliver(self, target: str, msg: Message) -> None:
         worker = self.registry.lookup(target)

@@ -111,7 +111,8 @@ def test_a_bad_message_fails_its_caller_at_once_and_sinks_no_batch(kernel):
 
 
 def test_arguments_too_large_fail_alone(kernel, monkeypatch):
-    monkeypatch.setattr(astra._agents, "MAX_ARGS_BYTES", 1 << 20)
+    for link in kernel._links:  # (what MAX_ARGS_BYTES, or the ring's frame limit, allows)
+        monkeypatch.setattr(link, "max_args", 1 << 20)
     slow = kernel.spawn(Slow, worker=0)
     counter = kernel.spawn(Counter, 0, worker=1)
     _hold_back(kernel, slow)

@@ -8,6 +8,16 @@ while the worker has little to do, else gathered into batches that share one rin
 (``LOW_WATER``), sent by whichever thread next takes replies. A receiver thread turns
 replies into futures; a dispatcher thread re-sends tasks on behalf of the receiver, which
 must never block on a full ring (it is what drains the replies that would unblock it).
+
+Agent messages travel the same links (astra/_agents.py builds them; ``_put_agent_frame``
+batches them). A thread waiting in ``Future.result()`` takes replies itself (``_lead``) while
+the receiver thread parks (``_park_for_lead``).
+
+Size: about 1,600 lines, past the 800 mark. The sending side and the receiving side share
+each worker link's state and one lock order (the client lock, a link's ``agent_lock``, its
+``cond``; ``_park`` last), which one class keeps in view. XX: the receiving side (the
+receiver thread, ``_lead``, parking, ``_handle_batch`` and what it calls, about 450 lines)
+would move to a module of its own as a mixin over the same state; not done yet.
 """
 
 from __future__ import annotations

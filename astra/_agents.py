@@ -289,7 +289,7 @@ class Agents:
         # another thread, where a bad field would sink the batch (and not reach its caller).
         if type(method) is not str:
             raise TypeError(f"a method name is a string, not {method!r}")
-        timeout_s = float(timeout) if timeout else 0.0  # (a numpy number, a str: raise now)
+        timeout_s = float(timeout) if timeout else 0.0  # what float() refuses raises here
         client = self._client
         hint = self._where.get(name)
         if hint is not None and client._control.worker_generation(hint[0]) == hint[1]:
@@ -316,13 +316,6 @@ class Agents:
         if len(data) > link.max_args:  # within one ring frame (astra/_client.py, max_args)
             _check_args_size(data, link.max_args)  # raises
         calls = self._calls
-        # While asks of ours are unanswered, this message may wait for company
-        # (AGENT_LOW_WATER). Numbered and queued under the link's lock, so that message ids
-        # reach the ring in increasing order (a persisted agent takes a message whose id is
-        # not above the last one it handled for a duplicate).
-        # A tell may also wait while the worker has not read our last ring slot: it
-        # would wait in the ring anyway (the same bound, AGENT_HOLD_S, applies).
-        hold = len(calls) >= AGENT_LOW_WATER or (not ask and link.writer.unread() > 0)
         future: Future[object] | None = None  # a tell has none
         call_id = 0
         if ask:
@@ -335,6 +328,13 @@ class Agents:
         try:
             if not (client._usable and client._control.running_now):
                 client._check_usable()  # raises
+            # While asks of ours are unanswered, this message may wait for company
+            # (AGENT_LOW_WATER); a tell also while the worker has not read our last ring
+            # slot (it would wait in the ring anyway; the same bound, AGENT_HOLD_S,
+            # applies). Numbered and queued under the link's lock, so that message ids
+            # reach the ring in increasing order (a persisted agent takes a message whose
+            # id is not above the last one it handled for a duplicate).
+            hold = len(calls) >= AGENT_LOW_WATER or (not ask and link.writer.unread() > 0)
             with link.agent_lock:
                 call = AgentCall(
                     self._origin, call_id, name, method, data, self._sender,

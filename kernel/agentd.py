@@ -81,7 +81,6 @@ from .messages import (
     MAX_REPLY_BYTES,
     AgentCall,
     AgentCalls,
-    AgentReplies,
     AgentReply,
     ListAgents,
     SpawnAgent,
@@ -104,9 +103,8 @@ if TYPE_CHECKING:
 _Args = tuple[tuple[object, ...], dict[str, object]]
 #: Messages for a full mailbox: (message, its frame, deadline on the loop's clock, timeout).
 _Overflow = collections.deque[tuple["Message", "AgentCall", float, float]]
-AgentFrame = (
-    SpawnAgent | AgentCall | AgentCalls | AgentReply | AgentReplies | StopAgent | ListAgents
-)
+_OneFrame = SpawnAgent | AgentCall | AgentReply | StopAgent | ListAgents
+AgentFrame = _OneFrame | AgentCalls
 #: Replies held for one client: answers not yet encoded (they go as one ``AgentReplies``
 #: frame) and frames already encoded, in order.
 _Held = dict[tuple[int, int], list[bytes | AgentReply]]
@@ -261,7 +259,7 @@ class AgentService:
 
     def _dispatch_each(self, msgs: list[AgentFrame]) -> None:
         for msg in msgs:
-            if type(msg) is AgentCalls:  # a client's batch: the common case, written out
+            if isinstance(msg, AgentCalls):  # a client's batch: the common case, written out
                 for call in msg.calls:
                     try:
                         self._call(call)
@@ -320,18 +318,12 @@ class AgentService:
             self._registry = plugins.router().names(self._worker.instance)
         return self._registry
 
-    def _dispatch(self, msg: AgentFrame) -> None:
+    def _dispatch(self, msg: _OneFrame) -> None:
         try:
             if isinstance(msg, AgentCall):
                 self._call(msg)
             elif isinstance(msg, AgentReply):
                 self._resolve(msg)
-            elif isinstance(msg, AgentCalls):
-                for call in msg.calls:
-                    self._call(call)
-            elif isinstance(msg, AgentReplies):
-                for reply in msg.replies:
-                    self._resolve(reply)
             elif isinstance(msg, SpawnAgent):
                 self._spawn(msg)
             elif isinstance(msg, ListAgents):

@@ -76,7 +76,6 @@ from .messages import (
     MAX_REPLY_BYTES,
     AgentCall,
     AgentCalls,
-    AgentReplies,
     AgentReply,
     CancelRun,
     ErrorKind,
@@ -134,7 +133,7 @@ FLUSH_EVERY: Final = 64
 _Key = tuple[int, int]  # (client slot, task id)
 #: The frames the agent service takes (kernel/agentd.py).
 _AGENT_FRAMES: Final = frozenset(
-    {AgentCall, AgentCalls, AgentReply, AgentReplies, SpawnAgent, StopAgent, ListAgents}
+    {AgentCall, AgentCalls, AgentReply, SpawnAgent, StopAgent, ListAgents}
 )
 
 # The plain (not async) task this process is running: (control, client, worker, task id).

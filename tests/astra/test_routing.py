@@ -18,7 +18,7 @@ import pytest
 import astra
 from astra._kernel import BUILTIN_PLUGINS
 from astra.plugin import DefaultRouter, Names, Plugin, PluginContext, Topics
-from tests.astra.agents import Counter, Relay
+from tests.astra.agents import Counter, Listener, Relay
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.multiprocess
@@ -124,17 +124,8 @@ class SecondRouter(Plugin):
         ctx.router(DefaultRouter())
 
 
-class Shouting(astra.Agent):
+class Shouting(Listener):
     subscriptions = ("Papers.*",)  # mixed case: matches only through FoldedTopics
-
-    def __init__(self):
-        self.got = []
-
-    def on_message(self, topic, msg):
-        self.got.append((topic, msg))
-
-    def received(self):
-        return list(self.got)
 
 
 def _log(k, kind=None):
